@@ -1,0 +1,1 @@
+"""Data: sources that read a dataset's own format, shards, splits and loaders."""
