@@ -1,0 +1,36 @@
+"""Shared by the console entry points: user errors print one message, not a traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from typing import Any, Callable
+
+from omegaconf import OmegaConf
+
+from cellrep.errors import CellrepError
+
+log = logging.getLogger("cellrep")
+
+
+def _run_id() -> str:
+    return uuid.uuid4().hex[:6]
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("cellrep_run_id"):
+        # Cached: every reference within one composed config sees the same id.
+        OmegaConf.register_new_resolver("cellrep_run_id", _run_id, use_cache=True)
+
+
+def exit_on_user_error(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn``; a :class:`CellrepError` prints its message and exits with status 2."""
+    try:
+        return fn(*args)
+    except CellrepError as exc:
+        print(f"\ncellrep: error: {exc}", file=sys.stderr)
+        if os.environ.get("CELLREP_TRACEBACK"):
+            raise
+        sys.exit(2)

@@ -1,0 +1,190 @@
+"""Drawing synthetic microscopy sites: cells as textured blobs, then the microscope.
+
+A site's biology is one vector ``z`` in a standardized *morphology space*
+(0 = the average cell; one unit ≈ a clearly visible change). Perturbations,
+cell types and batches are shifts of ``z``; :func:`render_site` turns ``z``
+into pixels. Keeping the biology a plain vector is what lets the generator
+plant known answers (modules share a direction, compounds copy their target).
+The microscope (:class:`Acquisition`) then adds what an experiment changes
+without changing biology: per-channel gain/offset, uneven illumination, focus.
+
+Everything is vectorized NumPy over ``cells × H × W``; the only loop is over
+channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+# Morphology parameters shared by all channels, then two per channel.
+GLOBAL_PARAMS: tuple[str, ...] = (
+    "nucleus_size",
+    "cell_density",
+    "cytoplasm_ratio",
+    "elongation",
+    "texture_scale",
+    "organelle_spots",
+    "nucleoli_spots",
+    "membrane_width",
+    "clustering",
+)
+# What each channel stains. Channel 1 is always nuclei (Hoechst/DAPI); the rest
+# cycle through the RxRx1 / Cell Painting stains so any channel count works.
+NUCLEUS_ROLE = "nucleus"
+OTHER_ROLES: tuple[str, ...] = ("cytoplasm", "membrane", "rna", "organelles", "golgi")
+
+
+def channel_roles(num_channels: int) -> tuple[str, ...]:
+    return (NUCLEUS_ROLE,) + tuple(OTHER_ROLES[i % len(OTHER_ROLES)] for i in range(num_channels - 1))
+
+
+def parameter_names(num_channels: int) -> tuple[str, ...]:
+    per_channel = [f"intensity_w{c + 1}" for c in range(num_channels)]
+    per_channel += [f"texture_w{c + 1}" for c in range(num_channels)]
+    return GLOBAL_PARAMS + tuple(per_channel)
+
+
+def num_parameters(num_channels: int) -> int:
+    return len(GLOBAL_PARAMS) + 2 * num_channels
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """One experiment's imaging conditions (the batch effect, minus biology)."""
+
+    gain: np.ndarray  # (C,) multiplicative per-channel gain
+    offset: np.ndarray  # (C,) additive per-channel background, in [0, 1] units
+    gradient: np.ndarray  # (2,) illumination slope along (y, x), relative
+    blur_sigma: float  # focus blur, pixels
+
+    @staticmethod
+    def neutral(num_channels: int) -> "Acquisition":
+        return Acquisition(np.ones(num_channels), np.zeros(num_channels), np.zeros(2), 0.0)
+
+    @staticmethod
+    def random(num_channels: int, strength: float, rng: np.random.Generator) -> "Acquisition":
+        gain = np.exp(strength * 0.3 * rng.standard_normal(num_channels))
+        offset = strength * 0.04 * np.abs(rng.standard_normal(num_channels))
+        angle = rng.uniform(0, 2 * np.pi)
+        gradient = strength * rng.uniform(0.2, 0.5) * np.array([np.sin(angle), np.cos(angle)])
+        blur = strength * rng.uniform(0.0, 1.2)
+        return Acquisition(gain, offset, gradient, float(blur))
+
+
+def _physical(z: np.ndarray) -> dict[str, float]:
+    """Map standardized morphology ``z`` onto drawing parameters (pixels, counts)."""
+    g = dict(zip(GLOBAL_PARAMS, z[: len(GLOBAL_PARAMS)]))
+    return {
+        "nucleus_radius": 3.6 * np.exp(0.2 * g["nucleus_size"]),
+        "cells_per_4096px": 8.0 * np.exp(0.3 * g["cell_density"]),
+        "cytoplasm_ratio": 2.1 * np.exp(0.15 * g["cytoplasm_ratio"]),
+        "elongation": float(np.clip(1.35 * np.exp(0.25 * g["elongation"]), 1.0, 4.0)),
+        "texture_sigma": 1.2 * np.exp(0.3 * g["texture_scale"]),
+        "organelle_spots": 7.0 * np.exp(0.35 * g["organelle_spots"]),
+        "nucleoli_spots": 2.5 * np.exp(0.35 * g["nucleoli_spots"]),
+        "membrane_width": 1.1 * np.exp(0.25 * g["membrane_width"]),
+        "clustering": float(1.0 / (1.0 + np.exp(-(g["clustering"] - 1.0)))),
+    }
+
+
+def _soft_step(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _spot_image(xs: np.ndarray, ys: np.ndarray, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Gaussian spots of peak ≈1 at the given positions (deposit, then one blur)."""
+    h, w = shape
+    xi, yi = np.rint(xs).astype(np.int64), np.rint(ys).astype(np.int64)
+    inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+    counts = np.bincount(yi[inside] * w + xi[inside], minlength=h * w).reshape(h, w)
+    return gaussian_filter(counts.astype(np.float32), sigma) * (2 * np.pi * sigma**2)
+
+
+def _cell_spots(rng, cx, cy, angle, ax_long, ax_short, mean_count, rho_lo, rho_hi, shape, sigma):
+    """Spots placed inside each cell's ellipse at radial fraction ``rho_lo..rho_hi``."""
+    counts = rng.poisson(mean_count, size=cx.shape[0])
+    owner = np.repeat(np.arange(cx.shape[0]), counts)
+    phi = rng.uniform(0, 2 * np.pi, owner.shape[0])
+    rho = np.sqrt(rng.uniform(rho_lo**2, rho_hi**2, owner.shape[0]))
+    a, b = rho * np.cos(phi) * ax_long[owner], rho * np.sin(phi) * ax_short[owner]
+    c, s = np.cos(angle[owner]), np.sin(angle[owner])
+    return _spot_image(cx[owner] + a * c - b * s, cy[owner] + a * s + b * c, shape, sigma)
+
+
+def render_cells(z: np.ndarray, num_channels: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Clean fluorescence (C×H×W float, roughly 0..1) of one site with morphology ``z``."""
+    p = _physical(z)
+    h = w = size
+    n = max(1, int(rng.poisson(p["cells_per_4096px"] * h * w / 4096.0)))
+    cx, cy = rng.uniform(-2, w + 2, n), rng.uniform(-2, h + 2, n)
+    clustered = rng.random(n) < p["clustering"]
+    focus = rng.uniform(0.2 * size, 0.8 * size, 2)
+    cx = np.where(clustered, focus[1] + rng.normal(0, size / 7, n), cx)
+    cy = np.where(clustered, focus[0] + rng.normal(0, size / 7, n), cy)
+    radius = p["nucleus_radius"] * np.exp(0.1 * rng.standard_normal(n))
+    aspect = p["elongation"] * np.exp(0.1 * rng.standard_normal(n))
+    angle = rng.uniform(0, np.pi, n)
+
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]
+    c, s = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    along, across = dx * c + dy * s, -dx * s + dy * c
+    r = radius[:, None, None]
+    cell_r = r * p["cytoplasm_ratio"]
+    stretch, nuc_stretch = np.sqrt(aspect)[:, None, None], (aspect**0.25)[:, None, None]
+    u_cell = np.sqrt((along / stretch) ** 2 + (across * stretch) ** 2) / cell_r
+    u_nuc = np.sqrt((along / nuc_stretch) ** 2 + (across * nuc_stretch) ** 2) / r
+
+    nucleus = _soft_step((1.0 - u_nuc) * r / 0.8).max(axis=0)
+    cytoplasm = _soft_step((1.0 - u_cell) * cell_r / 1.2).max(axis=0)
+    membrane = np.exp(-(((1.0 - u_cell) * cell_r / p["membrane_width"]) ** 2)).max(axis=0)
+    perinuclear = np.exp(-(((u_nuc - 1.4) * r / 1.5) ** 2)).max(axis=0) * cytoplasm
+
+    ax_cell = (radius * p["cytoplasm_ratio"] * np.sqrt(aspect), radius * p["cytoplasm_ratio"] / np.sqrt(aspect))
+    organelles = _cell_spots(
+        rng, cx, cy, angle, *ax_cell, p["organelle_spots"], 1.15 / p["cytoplasm_ratio"], 0.95, (h, w), 0.9
+    )
+    ax_nuc = (radius * aspect**0.25, radius / aspect**0.25)
+    nucleoli = _cell_spots(rng, cx, cy, angle, *ax_nuc, p["nucleoli_spots"], 0.0, 0.6, (h, w), 1.0)
+
+    cyto_only = cytoplasm * (1.0 - 0.7 * nucleus)
+    role_images = {
+        NUCLEUS_ROLE: 1.6 * nucleus,
+        "cytoplasm": cyto_only,
+        "membrane": 0.8 * membrane + 0.25 * cytoplasm,
+        "rna": 0.35 * cyto_only + 0.35 * nucleus + 0.6 * nucleoli * nucleus,
+        "organelles": 0.15 * cyto_only + 0.8 * organelles * cyto_only,
+        "golgi": 0.6 * perinuclear + 0.4 * membrane + 0.1 * cyto_only,
+    }
+    k = len(GLOBAL_PARAMS)
+    intensity = 0.42 * np.exp(0.3 * z[k : k + num_channels])
+    texture = 0.35 * np.exp(0.35 * z[k + num_channels : k + 2 * num_channels])
+    out = np.empty((num_channels, h, w), dtype=np.float32)
+    for ch, role in enumerate(channel_roles(num_channels)):
+        noise = gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), p["texture_sigma"])
+        noise /= noise.std() + 1e-6
+        out[ch] = intensity[ch] * role_images[role] * np.clip(1.0 + texture[ch] * noise, 0.0, None)
+    return out
+
+
+def acquire(clean: np.ndarray, acquisition: Acquisition, rng: np.random.Generator) -> np.ndarray:
+    """Image ``clean`` through a microscope: illumination, focus, gain/offset, noise → uint8."""
+    _, h, w = clean.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    illumination = 1.0 + acquisition.gradient[0] * (yy / h - 0.5) + acquisition.gradient[1] * (xx / w - 0.5)
+    light = (clean + 0.03) * illumination[None]
+    if acquisition.blur_sigma > 0.05:
+        light = gaussian_filter(light, sigma=(0, acquisition.blur_sigma, acquisition.blur_sigma))
+    light = light * acquisition.gain[:, None, None] + acquisition.offset[:, None, None]
+    light += rng.standard_normal(light.shape).astype(np.float32) * (0.008 + 0.02 * np.sqrt(np.clip(light, 0, None)))
+    return np.clip(np.rint(light * 255.0), 0, 255).astype(np.uint8)
+
+
+def render_site(
+    z: np.ndarray, num_channels: int, size: int, acquisition: Acquisition, rng: np.random.Generator
+) -> np.ndarray:
+    """One site: ``C×H×W`` uint8 for morphology ``z`` seen through ``acquisition``."""
+    return acquire(render_cells(z, num_channels, size, rng), acquisition, rng)

@@ -1,0 +1,1 @@
+"""Backbones: timm models built for any channel count."""

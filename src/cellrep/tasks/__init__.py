@@ -1,0 +1,1 @@
+"""Tasks: LightningModules that train a backbone (supervised, later MAE)."""

@@ -1,0 +1,107 @@
+"""cellrep-train: seed, data, model, callbacks, loggers, trainer; fit; test; report."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import cellrep  # noqa: F401  (torchvision compat before timm)
+from cellrep.cli import exit_on_user_error, register_resolvers
+from cellrep.config import register_configs, to_schema
+from cellrep.data.datamodule import CellDataModule
+from cellrep.data.prepare import ensure_shards
+from cellrep.report import run_report
+from cellrep.rundir import RunDir
+from cellrep.tasks.supervised import SupervisedTask
+
+log = logging.getLogger("cellrep.train")
+register_configs()
+register_resolvers()
+
+
+def build_datamodule(cfg: DictConfig, shards_dir) -> CellDataModule:
+    data = cfg.data
+    channels = data.channel_names or (data.synthetic.channel_names if data.get("synthetic") else None)
+    split = OmegaConf.to_container(cfg.split, resolve=True)
+    split["name"] = cfg.split.name.name
+    return CellDataModule(
+        shards_dir, split=split, batch_size=data.batch_size, num_workers=data.num_workers,
+        crop_size=data.crop_size, normalization=data.normalization.name, label_column=data.label_column,
+        expected_channels=len(channels) if channels else None, seed=cfg.seed,
+    )
+
+
+def build_task(cfg: DictConfig, dm: CellDataModule) -> SupervisedTask:
+    cell_types = sorted(dm.index["cell_type"].unique())
+    group_of_index = torch.as_tensor(dm.index["cell_type"].map({c: i for i, c in enumerate(cell_types)}).to_numpy())
+    return SupervisedTask(
+        model=OmegaConf.to_container(cfg.model, resolve=True), in_chans=dm.in_chans, num_classes=dm.num_classes,
+        optimizer=OmegaConf.to_container(cfg.task.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.task.scheduler, resolve=True),
+        label_smoothing=cfg.task.label_smoothing, group_names=cell_types, group_of_index=group_of_index,
+    )
+
+
+def instantiate_all(group: DictConfig | None) -> list[Any]:
+    return [instantiate(node) for node in (group or {}).values() if node is not None and "_target_" in node]
+
+
+def test_description(cfg: DictConfig) -> str:
+    return {"batch": "held-out experiments", "random": "random sites of every experiment",
+            "cell_type": f"held-out cell type {cfg.split.holdout}", "official": "RxRx1 official test set"}[cfg.split.name.name]
+
+
+def train(cfg: DictConfig) -> float | None:
+    to_schema(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    run = RunDir(cfg.paths.output_dir)
+    run.write_provenance(cfg)
+
+    shards_dir = ensure_shards(cfg.data)
+    datamodule = build_datamodule(cfg, shards_dir)
+    log.info("split %s: %s sites", cfg.split.name.name, datamodule.split_counts)
+    model = build_task(cfg, datamodule)
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks,
+                        logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if cfg.test:
+        has_best = any(getattr(cb, "best_model_path", "") for cb in trainer.checkpoint_callbacks)
+        trainer.test(model, datamodule=datamodule, ckpt_path="best" if has_best else None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+
+    metrics.update(split=cfg.split.name.name, test_description=test_description(cfg), model=cfg.model.name,
+                   dataset=cfg.data.source.name, num_classes=datamodule.num_classes,
+                   split_counts=datamodule.split_counts, run_dir=str(run.path),
+                   best_checkpoint=next((cb.best_model_path for cb in trainer.checkpoint_callbacks), None))
+    run.write_metrics(metrics)
+    for logger in loggers:
+        logger.finalize("success")
+    if "wandb" in (cfg.get("logger") or {}):
+        import wandb
+
+        wandb.finish()  # later jobs of a multirun must not log into this run
+    print(run_report(metrics))
+    value = metrics.get(cfg.optimized_metric)
+    return None if value is None or math.isnan(value) else value
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return exit_on_user_error(train, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Shared fixtures: compose configs the way the entry points do, inside tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+import cellrep  # noqa: F401
+from cellrep.cli import register_resolvers
+from cellrep.config import register_configs
+
+register_configs()
+register_resolvers()
+
+
+@pytest.fixture(autouse=True)
+def _isolate_home(tmp_path_factory, monkeypatch):
+    """Keep wandb, caches and outputs of every test inside tmp dirs."""
+    home = tmp_path_factory.mktemp("home")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(home / var.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+def compose_config(config_name: str, overrides: list[str], root: Path):
+    """Compose like ``hydra.main`` does, with every path under ``root``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="cellrep.conf", version_base="1.3"):
+        cfg = compose(
+            config_name=config_name,
+            overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/run", *overrides],
+        )
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def _make(*overrides: str, config_name: str = "train"):
+        return compose_config(config_name, list(overrides), tmp_path)
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def cpu_threads():
+    """Tests run on 2 cores: leave torch's intra-op threads at that."""
+    return int(os.environ.get("CELLREP_TEST_THREADS", "2"))
