@@ -28,21 +28,27 @@ def _isolate_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
 
 
-def compose_config(config_name: str, overrides: list[str], root: Path):
+def compose_config(config_name: str, overrides: list[str], root: Path, data_dir: Path | None = None):
     """Compose like ``hydra.main`` does, with every path under ``root``."""
     GlobalHydra.instance().clear()
+    paths = [f"paths.root_dir={root}", f"paths.output_dir={root}/run"]
+    if data_dir is not None:
+        paths.append(f"paths.data_dir={data_dir}")
     with initialize_config_module(config_module="cellrep.conf", version_base="1.3"):
-        cfg = compose(
-            config_name=config_name,
-            overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/run", *overrides],
-        )
+        cfg = compose(config_name=config_name, overrides=[*paths, *overrides])
     return cfg
 
 
+@pytest.fixture(scope="session")
+def shared_data_dir(tmp_path_factory):
+    """One data cache for the session: synthetic screens are generated once per spec."""
+    return tmp_path_factory.mktemp("data")
+
+
 @pytest.fixture
-def make_cfg(tmp_path):
+def make_cfg(tmp_path, shared_data_dir):
     def _make(*overrides: str, config_name: str = "train"):
-        return compose_config(config_name, list(overrides), tmp_path)
+        return compose_config(config_name, list(overrides), tmp_path, shared_data_dir)
 
     return _make
 

@@ -23,6 +23,9 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("cellrep_run_id"):
         # Cached: every reference within one composed config sees the same id.
         OmegaConf.register_new_resolver("cellrep_run_id", _run_id, use_cache=True)
+    if not OmegaConf.has_resolver("cellrep_cwd"):
+        # Unlike ${hydra:runtime.cwd}, usable before Hydra is set up (a multirun's sweep dir).
+        OmegaConf.register_new_resolver("cellrep_cwd", os.getcwd)
 
 
 def exit_on_user_error(fn: Callable[..., Any], *args: Any) -> Any:

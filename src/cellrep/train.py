@@ -40,7 +40,7 @@ def build_datamodule(cfg: DictConfig, shards_dir) -> CellDataModule:
 
 def build_task(cfg: DictConfig, dm: CellDataModule) -> SupervisedTask:
     cell_types = sorted(dm.index["cell_type"].unique())
-    group_of_index = torch.as_tensor(dm.index["cell_type"].map({c: i for i, c in enumerate(cell_types)}).to_numpy())
+    group_of_index = torch.tensor(dm.index["cell_type"].map({c: i for i, c in enumerate(cell_types)}).to_numpy())
     return SupervisedTask(
         model=OmegaConf.to_container(cfg.model, resolve=True), in_chans=dm.in_chans, num_classes=dm.num_classes,
         optimizer=OmegaConf.to_container(cfg.task.optimizer, resolve=True),

@@ -57,6 +57,12 @@ class TinySource:
 
 
 @pytest.fixture(scope="session")
+def make_source():
+    """The TinySource class (a fixture: test modules cannot import this conftest by name)."""
+    return TinySource
+
+
+@pytest.fixture(scope="session")
 def tiny_source():
     return TinySource()
 

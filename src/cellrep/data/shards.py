@@ -65,6 +65,11 @@ def plan_shards(meta: pd.DataFrame, samples_per_shard: int) -> list[dict]:
     """Group sites by (experiment, plate), sort by site_id, cut into shards."""
     if samples_per_shard < 1:
         raise CellrepError(f"samples_per_shard={samples_per_shard}", fix="use a positive number")
+    keys = meta["site_id"].astype(str).map(shard_key)
+    if keys.duplicated().any():
+        sid = meta.loc[keys.duplicated(keep=False), "site_id"].head(2).tolist()
+        raise CellrepError(f"site_ids {sid} map to the same shard key (dots and slashes become '_')",
+                           fix="make site_ids differ in more than '.', '/' and '_'")
     shards = []
     for (exp, plate), grp in meta.groupby(["experiment", "plate"], sort=True):
         ids = sorted(grp["site_id"].astype(str))
@@ -77,10 +82,7 @@ def plan_shards(meta: pd.DataFrame, samples_per_shard: int) -> list[dict]:
 
 # ---------------------------------------------------------------- atomic files
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+    fd = os.open(path, os.O_RDONLY)  # makes the rename itself durable
     try:
         os.fsync(fd)
     finally:
@@ -102,8 +104,8 @@ def _atomic_write(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+def _write_json(path: Path, obj, indent: int | None = 1) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
 
 
 def _read_json(path: Path):
@@ -115,12 +117,8 @@ def _read_json(path: Path):
 
 # ---------------------------------------------------------------- one shard
 def _json_value(v):
-    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-        return None
-    if isinstance(v, np.generic):
-        v = v.item()
-        return None if isinstance(v, float) and math.isnan(v) else v
-    return v
+    v = v.item() if isinstance(v, np.generic) else v
+    return None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else v
 
 
 def _check_image(img, site_id: str, shape: tuple | None) -> np.ndarray:
@@ -201,7 +199,7 @@ def _write_shard(source, spec: dict, rows: list[dict], out_dir: Path, shape, fin
     sidecar = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "name": spec["name"],
                "sites_digest": _digest(spec["site_ids"]), "num_samples": len(spec["site_ids"]),
                "size_bytes": path.stat().st_size, "offsets": offsets, **stats}
-    _write_json(_sidecar_path(out_dir, spec["name"]), sidecar)
+    _write_json(_sidecar_path(out_dir, spec["name"]), sidecar, indent=None)
     return sidecar
 
 
@@ -300,71 +298,31 @@ def write_shards(source, out_dir: Path, samples_per_shard: int = 256, num_worker
     meta = validate_metadata(source.metadata, source.name)
     channel_names = [str(c) for c in source.channel_names]
     plan = plan_shards(meta, samples_per_shard)
+    planned = [{k: s[k] for k in ("name", "experiment", "plate")} | {"num_samples": len(s["site_ids"])} for s in plan]
     out_dir.mkdir(parents=True, exist_ok=True)
     _refuse_other_dataset(out_dir, source, plan)
-
     old = _read_json(out_dir / MANIFEST)
-    planned = [{k: s[k] for k in ("name", "experiment", "plate")} | {"num_samples": len(s["site_ids"])} for s in plan]
     if old and old["shards"] == planned and (out_dir / INDEX).exists() and all(
             (out_dir / s["name"]).exists() for s in plan):
         log.info("shards up to date: %s (%d samples)", out_dir, old["num_samples"])
         return old
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the end
-    old_plan = _read_json(out_dir / PLAN) or {}
-    stale = {s["name"] for s in old_plan.get("shards", [])} - {s["name"] for s in plan}
-    for name in stale:  # shards of an earlier plan of this same dataset
-        (out_dir / name).unlink(missing_ok=True)
-        _sidecar_path(out_dir, name).unlink(missing_ok=True)
-    for tmp in out_dir.glob(".*.tmp.*"):
-        tmp.unlink(missing_ok=True)
-    _write_json(out_dir / PLAN, {"format_version": FORMAT_VERSION, "dataset": source.name,
-                                  "fingerprint": source.fingerprint, "samples_per_shard": samples_per_shard,
-                                  "shards": plan})
+    _start_plan(out_dir, source, plan, samples_per_shard)
 
-    first = _check_image(source.load(plan[0]["site_ids"][0]), plan[0]["site_ids"][0], None)
-    shape = tuple(int(x) for x in first.shape)
+    sid0 = plan[0]["site_ids"][0]
+    shape = tuple(int(x) for x in _check_image(source.load(sid0), sid0, None).shape)
     if shape[0] != len(channel_names):
         raise CellrepError(
             f"{source.name}: images have {shape[0]} channels but the source names {len(channel_names)} "
             f"({channel_names})", fix="make the reader's channel_names match the images it returns")
 
-    rows_by_site = meta.set_index("site_id", drop=False)
-    sidecars: dict[str, dict] = {}
-    todo = []
-    for spec in plan:
-        side = _finished_sidecar(out_dir, spec, source.fingerprint)
-        if side is not None:
-            sidecars[spec["name"]] = side
-        else:
-            todo.append(spec)
-    done = sum(sidecars[s]["num_samples"] for s in sidecars)
+    sidecars = {s["name"]: side for s in plan if (side := _finished_sidecar(out_dir, s, source.fingerprint))}
     if sidecars:
         log.info("resuming: %d of %d shards already written", len(sidecars), len(plan))
-    bar = tqdm(total=len(meta), initial=done, unit="site", desc=f"sharding {source.name}", disable=not progress)
-
-    def rows(spec):
-        return rows_by_site.loc[spec["site_ids"]].to_dict("records")
-
-    try:
-        if num_workers <= 0:
-            for spec in todo:
-                sidecars[spec["name"]] = _write_shard(source, spec, rows(spec), out_dir, shape,
-                                                      source.fingerprint, bar)
-        elif todo:
-            with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(source,)) as pool:
-                futs = {pool.submit(_worker_task, s, rows(s), out_dir, shape, source.fingerprint): s for s in todo}
-                pending = set(futs)
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for fut in finished:
-                        if fut.exception() is not None:
-                            for p in pending:
-                                p.cancel()
-                            raise fut.exception()
-                        sidecars[futs[fut]["name"]] = fut.result()
-                        bar.update(len(futs[fut]["site_ids"]))
-    finally:
-        bar.close()
+    todo = [s for s in plan if s["name"] not in sidecars]
+    done = sum(side["num_samples"] for side in sidecars.values())
+    with tqdm(total=len(meta), initial=done, unit="site", desc=f"sharding {source.name}",
+              disable=not progress) as bar:
+        sidecars |= _write_missing(source, meta, todo, out_dir, shape, num_workers, bar)
 
     index = _build_index(meta, plan, sidecars)
     _atomic_write(out_dir / INDEX, lambda f: index.to_parquet(f, index=False))
@@ -376,6 +334,46 @@ def write_shards(source, out_dir: Path, samples_per_shard: int = 256, num_worker
     _write_json(out_dir / MANIFEST, manifest)
     log.info("wrote %d samples in %d shards to %s", len(index), len(plan), out_dir)
     return manifest
+
+
+def _start_plan(out_dir: Path, source, plan: list[dict], samples_per_shard: int) -> None:
+    """Mark the directory incomplete, drop leftovers of an earlier plan of this dataset, write the plan."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    old_plan = _read_json(out_dir / PLAN) or {}
+    for name in {s["name"] for s in old_plan.get("shards", [])} - {s["name"] for s in plan}:
+        (out_dir / name).unlink(missing_ok=True)
+        _sidecar_path(out_dir, name).unlink(missing_ok=True)
+    for tmp in out_dir.glob(".*.tmp.*"):  # temp files of a killed run
+        tmp.unlink(missing_ok=True)
+    _write_json(out_dir / PLAN, {"format_version": FORMAT_VERSION, "dataset": source.name,
+                                  "fingerprint": source.fingerprint, "samples_per_shard": samples_per_shard,
+                                  "shards": plan}, indent=None)
+
+
+def _write_missing(source, meta, todo, out_dir, shape, num_workers, bar) -> dict[str, dict]:
+    rows_by_site = meta.set_index("site_id", drop=False)
+
+    def rows(spec):
+        return rows_by_site.loc[spec["site_ids"]].to_dict("records")
+
+    out = {}
+    if num_workers <= 0 or not todo:
+        for spec in todo:
+            out[spec["name"]] = _write_shard(source, spec, rows(spec), out_dir, shape, source.fingerprint, bar)
+        return out
+    with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(source,)) as pool:
+        futs = {pool.submit(_worker_task, s, rows(s), out_dir, shape, source.fingerprint): s for s in todo}
+        pending = set(futs)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in finished:
+                if fut.exception() is not None:
+                    for p in pending:  # finished shards stay: a rerun resumes from them
+                        p.cancel()
+                    raise fut.exception()
+                out[futs[fut]["name"]] = fut.result()
+                bar.update(len(futs[fut]["site_ids"]))
+    return out
 
 
 def _build_index(meta: pd.DataFrame, plan: list[dict], sidecars: dict[str, dict]) -> pd.DataFrame:

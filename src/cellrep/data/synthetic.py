@@ -47,6 +47,10 @@ WELL_NOISE, SITE_NOISE = 0.2, 0.12
 CELL_TYPE_SPREAD = 0.7  # how far cell types' base morphologies sit from each other
 BATCH_DRIFT = 0.3  # biological drift per experiment (per unit batch_effect_strength)
 PLATE_DRIFT = 0.1
+# Batch × perturbation interaction (knock-down efficiency, local context): the same
+# perturbation looks a little different in every experiment. A random split sees
+# each experiment's version in training; a batch split must generalize past it.
+INTERACTION = 0.3
 
 
 @dataclass
@@ -184,6 +188,8 @@ def _site_morphology(spec: SyntheticScreenSpec, biology: planted.Biology, row, n
     strength = spec.batch_effect_strength
     z += strength * BATCH_DRIFT * _rng(spec.seed, "drift", row.experiment).standard_normal(num_params)
     z += strength * PLATE_DRIFT * _rng(spec.seed, "drift", row.experiment, row.plate).standard_normal(num_params)
+    if row.perturbation_type != "control":
+        z += strength * INTERACTION * _rng(spec.seed, "interaction", row.experiment, row.sirna).standard_normal(num_params)
     z += WELL_NOISE * _rng(spec.seed, "well", row.well_id).standard_normal(num_params)
     z += SITE_NOISE * _rng(spec.seed, "site", row.site_id).standard_normal(num_params)
     return z

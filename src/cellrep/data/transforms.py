@@ -1,0 +1,83 @@
+"""Normalization and augmentation of C×H×W image tensors.
+
+Microscopy has no canonical orientation, so training augments with random
+crops, flips and 90° rotations (the dihedral group, no interpolation).
+Normalization removes plate-to-plate intensity drift: ``plate_controls``
+standardizes each channel by its plate's negative-control statistics (RxRx1
+paper), ``self`` by the image's own statistics (OpenPhenom), ``global`` by the
+whole dataset's. Randomness comes from an explicit ``torch.Generator`` so a
+loader worker's stream is reproducible (exact resume).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from cellrep.errors import CellrepError
+
+NORMALIZATIONS = ("plate_controls", "self", "global")
+
+
+def _as_stats(stats, c: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if stats is None:
+        raise CellrepError(f"normalization '{mode}' needs mean/std statistics",
+                           fix="pass the manifest's plate_stats[<experiment>/<plate>] or global_stats")
+    mean, std = (stats["mean"], stats["std"]) if isinstance(stats, Mapping) else stats
+    mean = torch.as_tensor(mean, dtype=torch.float32)
+    std = torch.as_tensor(std, dtype=torch.float32)
+    if mean.shape[-1:] != (c,) or std.shape != mean.shape:
+        raise CellrepError(f"normalization stats have shape {tuple(mean.shape)}, the images have {c} channels",
+                           fix="re-shard the dataset (the manifest does not match the images)")
+    # [C] for one image or the batch; [B, C] for one row of stats per image of a batch
+    return mean.reshape(*mean.shape, 1, 1), std.reshape(*std.shape, 1, 1)
+
+
+def normalize(image: torch.Tensor, mode: str, stats: Mapping | Sequence | None = None,
+              eps: float = 1e-6) -> torch.Tensor:
+    """Per-channel standardization of a C×H×W or B×C×H×W uint8 image to float32.
+
+    ``stats`` is ``{"mean": [C], "std": [C]}`` (a manifest entry) or a
+    ``(mean, std)`` pair of [C] or, for a batch, [B, C]; unused for ``self``.
+    A std below ``eps`` (a constant channel) is clamped so the result stays finite.
+    """
+    x = image.float()
+    if mode == "self":
+        mean = x.mean(dim=(-2, -1), keepdim=True)
+        std = x.std(dim=(-2, -1), keepdim=True, unbiased=False)
+        return (x - mean) / std.clamp_min(eps)
+    if mode not in NORMALIZATIONS:
+        raise CellrepError(f"unknown normalization '{mode}'", fix=f"use one of {list(NORMALIZATIONS)}")
+    mean, std = _as_stats(stats, x.shape[-3], mode)
+    return (x - mean) / std.clamp_min(eps)
+
+
+def _check_size(x: torch.Tensor, size: int) -> None:
+    h, w = x.shape[-2:]
+    if size > h or size > w or size < 1:
+        raise CellrepError(f"crop size {size} does not fit images of {h}×{w}",
+                           fix=f"set data.crop_size to at most {min(h, w)}")
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The central size×size window (evaluation)."""
+    _check_size(x, size)
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def random_crop_flip_rot90(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random size×size crop, random horizontal/vertical flip, random k·90° rotation."""
+    _check_size(x, size)
+    h, w = x.shape[-2:]
+    r = torch.randint(0, 1 << 30, (5,), generator=generator).tolist()
+    top, left = r[0] % (h - size + 1), r[1] % (w - size + 1)
+    x = x[..., top:top + size, left:left + size]
+    if r[2] % 2:
+        x = x.flip(-1)
+    if r[3] % 2:
+        x = x.flip(-2)
+    k = r[4] % 4
+    return torch.rot90(x, k, dims=(-2, -1)) if k else x

@@ -1,0 +1,243 @@
+"""CellDataModule: batches, normalization, exact evaluation, equal batches per rank, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from enum import Enum
+
+import numpy as np
+import pytest
+import torch
+
+from cellrep.data.datamodule import CellDataModule
+from cellrep.data.shards import load_manifest, plate_key
+from cellrep.data.transforms import center_crop, normalize
+from cellrep.errors import CellrepError
+
+SPLIT = {"name": "batch", "test_fraction": 0.21, "val_fraction": 0.2, "holdout": None, "shots": 0, "seed": 0}
+
+
+def _dm(shards, **kw):
+    args = dict(split=SPLIT, batch_size=4, num_workers=0, crop_size=12)
+    return CellDataModule(shards, **(args | kw))
+
+
+def _indices(batches):
+    return np.concatenate([b["index"].numpy() for b in batches]) if batches else np.array([], dtype=np.int64)
+
+
+def test_prepare_exposes_classes_channels_and_counts(tiny_shards):
+    dm = _dm(tiny_shards)
+    assert dm.class_names == ["EMPTY_control", "g0", "g1", "g2", "g3"] and dm.num_classes == 5
+    assert dm.in_chans == 3 and dm.channel_names == ["ch0", "ch1", "ch2"]
+    assert sum(dm.split_counts.values()) == len(dm.index) == 72 and min(dm.split_counts.values()) > 0
+    assert (dm.index["label"] == dm.index["perturbation"].map(dm.class_names.index)).all()
+
+
+def test_structured_config_enums_are_accepted(tiny_shards):
+    split_name, norm = Enum("SplitName", ["batch", "random"]), Enum("Normalization", ["plate_controls", "global"])
+    dm = _dm(tiny_shards, split=SPLIT | {"name": split_name.random}, normalization=norm["global"])
+    assert dm.normalization == "global" and dm.split["name"] == "random"
+    with pytest.raises(CellrepError, match="split config needs 'name'"):
+        _dm(tiny_shards, split={"name": "batch", "fraction": 0.3})
+
+
+def test_train_batches(tiny_shards):
+    dm = _dm(tiny_shards)
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader) == math.ceil(dm.split_counts["train"] / 4)
+    for b in batches:
+        assert b["image"].shape == (4, 3, 12, 12) and b["image"].dtype == torch.float32
+        assert b["label"].dtype == torch.int64 and b["index"].dtype == torch.int64
+        assert (dm.index["split"].to_numpy()[b["index"].numpy()] == "train").all()
+        assert torch.equal(b["label"], torch.from_numpy(dm.index["label"].to_numpy()[b["index"].numpy()]))
+    again = list(_dm(tiny_shards).train_dataloader())  # same seed → same stream
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, again))
+    second_epoch = list(loader)
+    assert not np.array_equal(_indices(batches), _indices(second_epoch))
+
+
+@pytest.mark.parametrize("mode", ["plate_controls", "self", "global"])
+def test_eval_batches_are_normalized_center_crops(tiny_shards, tiny_source, mode):
+    dm = _dm(tiny_shards, normalization=mode)
+    manifest = load_manifest(tiny_shards)
+    batch = next(iter(dm.test_dataloader()))
+    for img, row in zip(batch["image"], batch["index"].tolist()):
+        meta = dm.index.iloc[row]
+        raw = center_crop(torch.from_numpy(tiny_source.images[meta["site_id"]]), 12)
+        stats = {"plate_controls": manifest["plate_stats"][plate_key(meta["experiment"], meta["plate"])],
+                 "global": manifest["global_stats"], "self": None}[mode]
+        torch.testing.assert_close(img, normalize(raw, mode, stats))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_eval_covers_each_sample_once_per_rank_split(tiny_shards, num_workers, monkeypatch):
+    dm = _dm(tiny_shards, num_workers=num_workers, batch_size=3)
+    for stage in ("val", "test", "all"):
+        expected = np.flatnonzero((dm.index["split"] == stage).to_numpy()) if stage != "all" else np.arange(72)
+        for world in (1, 3):
+            seen, counts = [], set()
+            for rank in range(world):
+                monkeypatch.setattr(dm, "_dist", lambda r=rank, w=world: (r, w))
+                batches = list(dm.eval_dataloader(stage))
+                counts.add(len(batches))
+                seen.append(_indices(batches))
+            assert len(counts) == 1, f"{stage}: unequal batch counts per rank {counts}"
+            assert sorted(np.concatenate(seen).tolist()) == expected.tolist()
+
+
+def test_train_batch_count_is_equal_on_every_rank(tiny_shards, monkeypatch):
+    dm = _dm(tiny_shards, num_workers=2)
+    n = dm.split_counts["train"]
+    for rank in range(3):
+        monkeypatch.setattr(dm, "_dist", lambda r=rank: (r, 3))
+        batches = list(dm.train_dataloader())
+        assert len(batches) == math.ceil(n / (4 * 3))
+
+
+def test_resume_replays_the_same_stream(tiny_shards):
+    dm = _dm(tiny_shards, num_workers=2)
+    full = dm.train_dataloader()
+    list(full)  # epoch 0
+    epoch1 = list(full)
+    interrupted = dm.train_dataloader()
+    list(interrupted)
+    it = iter(interrupted)
+    for _ in range(3):
+        next(it)
+    state = interrupted.state_dict()
+    assert state == {"epoch": 1, "batches": 3}
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(epoch1) - 3
+    assert all(torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
+               for a, b in zip(rest, epoch1[3:]))
+
+
+def test_lightning_checkpoint_mid_epoch_resumes_the_data_stream(tiny_shards, tmp_path):
+    import lightning as L
+
+    class Recorder(L.LightningModule):
+        def __init__(self, save_at=None):
+            super().__init__()
+            self.lin, self.seen, self.save_at = torch.nn.Linear(3, 5), [], save_at
+
+        def training_step(self, batch, i):
+            self.seen.append((self.current_epoch, i, batch["index"].tolist()))
+            return self.lin(batch["image"].mean((2, 3))).logsumexp(1).mean()
+
+        def on_train_batch_end(self, outputs, batch, i):  # where ModelCheckpoint saves
+            if (self.current_epoch, i) == self.save_at:
+                self.trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(model, ckpt=None):
+        trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(model, _dm(tiny_shards, num_workers=2), ckpt_path=ckpt)
+        return model.seen
+
+    full = fit(Recorder(save_at=(1, 2)))
+    resumed = fit(Recorder(), ckpt=tmp_path / "mid.ckpt")
+    n = math.ceil(_dm(tiny_shards).split_counts["train"] / 4)
+    assert resumed == full[n + 3:], "the resumed run continues with the batches the full run trained on"
+
+
+def test_config_mismatches_stop_with_a_fix(tiny_shards, tmp_path):
+    with pytest.raises(CellrepError, match="(?s)images have 3 channels.*expects 5.*in_chans"):
+        _dm(tiny_shards, expected_channels=5)
+    with pytest.raises(CellrepError, match="crop size 17"):
+        _dm(tiny_shards, crop_size=17)
+    with pytest.raises(CellrepError, match="label column 'gene'"):
+        _dm(tiny_shards, label_column="gene")
+    with pytest.raises(CellrepError, match="cellrep-shard"):
+        _dm(tmp_path)
+
+
+def test_corrupt_samples_are_skipped_and_counted(tiny_shards, tmp_path, caplog):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    dm = _dm(shards, max_corrupt=1)
+    row = int(np.flatnonzero((dm.index["split"] == "test").to_numpy())[0])
+    meta = dm.index.iloc[row]
+    with open(shards / meta["shard"], "r+b") as f:  # garble the .npy header of one test sample
+        f.seek(int(meta["npy_offset"]))
+        f.write(b"garbage!" * 4)
+    got = _indices(list(dm.test_dataloader()))
+    assert sorted(got.tolist()) == [r for r in np.flatnonzero((dm.index["split"] == "test").to_numpy()) if r != row]
+    assert "skipped unreadable" in caplog.text
+    for name in set(dm.index.loc[dm.index["split"] == "train", "shard"]):
+        with open(shards / name, "r+b") as f:
+            f.truncate(700)  # truncated shards: beyond max_corrupt skips the loader stops
+    with pytest.raises(CellrepError, match="more than 1 unreadable"):
+        list(dm.train_dataloader())
+
+
+DDP_SCRIPT = textwrap.dedent('''
+    import cellrep  # noqa: F401  (before lightning imports torchvision)
+    import json, sys
+    import lightning as L
+    import torch
+    from cellrep.data.datamodule import CellDataModule
+
+    shards, out = sys.argv[1], sys.argv[2]
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 5)
+            self.train_batches, self.val_index, self.test_index = 0, [], []
+
+        def training_step(self, batch, i):
+            self.train_batches += 1
+            return torch.nn.functional.cross_entropy(self.lin(batch["image"].mean((2, 3))), batch["label"])
+
+        def validation_step(self, batch, i):
+            self.val_index += batch["index"].tolist()
+
+        def test_step(self, batch, i):
+            self.test_index += batch["index"].tolist()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.set_num_threads(1)
+    split = dict(name="batch", test_fraction=0.21, val_fraction=0.3, holdout=None, shots=0, seed=0)
+    dm = CellDataModule(shards, split, batch_size=4, num_workers=1, crop_size=12)
+    model = Recorder()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(model, dm)
+    trainer.test(model, dm, verbose=False)
+    with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
+        json.dump({"train_batches": model.train_batches, "val": model.val_index, "test": model.test_index,
+                   "counts": dm.split_counts, "val_rows": dm._stage_rows["val"].tolist(),
+                   "test_rows": dm._stage_rows["test"].tolist()}, f)
+''')
+
+
+def test_ddp_two_processes_equal_batches_exact_eval(tiny_shards, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(script), str(tiny_shards), str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    n_train = ranks[0]["counts"]["train"]
+    assert ranks[0]["train_batches"] == ranks[1]["train_batches"] == math.ceil(n_train / (4 * 2))
+    for stage in ("val", "test"):
+        seen = ranks[0][stage] + ranks[1][stage]
+        assert ranks[0][stage] and ranks[1][stage], f"both ranks evaluate {stage}"
+        assert sorted(seen) == sorted(ranks[0][f"{stage}_rows"]), f"{stage}: each sample exactly once"

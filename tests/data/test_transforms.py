@@ -1,0 +1,85 @@
+"""Normalization modes and dihedral crop augmentation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cellrep.data.transforms import center_crop, normalize, random_crop_flip_rot90
+from cellrep.errors import CellrepError
+
+
+@pytest.fixture
+def image():
+    return torch.randint(0, 256, (3, 10, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_stats_normalization_by_hand(image):
+    stats = {"mean": [10.0, 100.0, 200.0], "std": [2.0, 4.0, 8.0]}
+    for mode in ("plate_controls", "global"):
+        out = normalize(image, mode, stats)
+        assert out.dtype == torch.float32 and out.shape == image.shape
+        for c in range(3):
+            expected = (image[c].double() - stats["mean"][c]) / stats["std"][c]
+            torch.testing.assert_close(out[c].double(), expected, rtol=1e-6, atol=1e-5)
+    as_pair = normalize(image, "plate_controls", (stats["mean"], stats["std"]))
+    torch.testing.assert_close(as_pair, normalize(image, "plate_controls", stats))
+
+
+def test_batch_with_per_image_stats(image):
+    batch = torch.stack([image, image])
+    mean = torch.tensor([[0.0, 0, 0], [1, 2, 3]])
+    std = torch.tensor([[1.0, 1, 1], [2, 2, 2]])
+    out = normalize(batch, "plate_controls", (mean, std))
+    torch.testing.assert_close(out[1], normalize(image, "plate_controls", (mean[1], std[1])))
+    torch.testing.assert_close(out[0], image.float())
+
+
+def test_self_normalization(image):
+    out = normalize(image, "self")
+    torch.testing.assert_close(out.mean(dim=(1, 2)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.std(dim=(1, 2), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    flat = normalize(torch.full((2, 4, 4), 7, dtype=torch.uint8), "self")
+    assert torch.isfinite(flat).all() and (flat == 0).all()
+
+
+def test_normalization_errors(image):
+    with pytest.raises(CellrepError, match="unknown normalization"):
+        normalize(image, "zscore", {"mean": [0] * 3, "std": [1] * 3})
+    with pytest.raises(CellrepError, match="needs mean/std"):
+        normalize(image, "global")
+    with pytest.raises(CellrepError, match="3 channels"):
+        normalize(image, "global", {"mean": [0, 0], "std": [1, 1]})
+
+
+def _dihedral(x):
+    for flipped in (x, x.flip(-1)):
+        for k in range(4):
+            yield torch.rot90(flipped, k, dims=(-2, -1))
+
+
+def test_random_crop_is_a_dihedral_view_of_some_crop(image):
+    gen = torch.Generator().manual_seed(1)
+    crops = [image[:, t:t + 6, left:left + 6] for t in range(5) for left in range(7)]
+    transforms = set()
+    for _ in range(40):
+        out = random_crop_flip_rot90(image, 6, gen)
+        assert out.shape == (3, 6, 6)
+        found = [i for c in crops for i, d in enumerate(_dihedral(c)) if torch.equal(out, d)]
+        assert found, "output is not a flipped/rotated crop"
+        transforms.add(found[0])
+    assert len(transforms) >= 6, "all flips and rotations occur"
+    a = random_crop_flip_rot90(image, 6, torch.Generator().manual_seed(5))
+    b = random_crop_flip_rot90(image, 6, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    draws = {random_crop_flip_rot90(image, 6, gen).numpy().tobytes() for _ in range(20)}
+    assert len(draws) > 10
+
+
+def test_center_crop_and_size_errors(image):
+    out = center_crop(image, 4)
+    assert torch.equal(out, image[:, 3:7, 4:8])
+    assert torch.equal(center_crop(image, 10), image[:, :, 1:11])
+    for fn in (center_crop, random_crop_flip_rot90):
+        with pytest.raises(CellrepError, match="crop size 11 does not fit images of 10×12"):
+            fn(image, 11)
