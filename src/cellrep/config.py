@@ -22,7 +22,9 @@ from cellrep.schema import RXRX1_CHANNELS
 
 Normalization = Enum("Normalization", ["plate_controls", "self", "global"])
 SplitName = Enum("SplitName", ["batch", "random", "cell_type", "official"])
-SourceName = Enum("SourceName", ["synthetic", "rxrx1"])
+SourceName = Enum("SourceName", ["synthetic", "rxrx1", "rxrx3_core", "tiff"])
+BitDepthRule = Enum("BitDepthRule", ["percentile", "max", "shift"])
+TiffLayout = Enum("TiffLayout", ["auto", "per_channel", "multipage", "load_data"])
 
 
 @dataclass
@@ -45,6 +47,37 @@ class SyntheticScreenConfig:
 
 
 @dataclass
+class PlateMapConfig:
+    path: str = MISSING  # CSV (or .tsv/.txt: tab-separated), relative to data.root
+    keys: list[str] = field(default_factory=list)  # join columns; empty: those both share (`on:` is YAML for true)
+
+
+@dataclass
+class TiffConfig:
+    """Options of data=tiff (and data=jump_load_data); see cellrep.data.tiff_plates."""
+
+    layout: TiffLayout = TiffLayout.auto  # auto: load_data if FileName_Orig* columns, else from data.pattern
+    constants: dict[str, Any] = field(default_factory=dict)  # canonical column -> value for every row
+    negative_controls: list[str] = field(default_factory=list)  # perturbation names of negative-control wells
+    plate_maps: list[PlateMapConfig] = field(default_factory=list)  # left-joined onto the metadata in order
+    path_prefixes: list[list[str]] = field(default_factory=list)  # load_data: [[old, new]] PathName rewrites
+    percentile: list[float] = field(default_factory=lambda: [0.1, 99.9])  # percentile rule: clip levels
+    sample_sites: int = 8  # percentile rule: sites per plate the levels are computed from
+    max_value: int = 65535  # max rule: this value maps to 255
+    shift: int = 8  # shift rule: value >> shift
+
+    def __post_init__(self) -> None:
+        lo, hi = (list(self.percentile) + [None, None])[:2]
+        if len(self.percentile) != 2 or not 0.0 <= lo < hi <= 100.0:
+            raise CellrepError(f"data.tiff.percentile={list(self.percentile)} is not [low, high] in 0..100",
+                               fix="e.g. data.tiff.percentile=[0.1,99.9]")
+        if self.sample_sites < 1 or self.max_value < 1 or not 0 <= self.shift <= 16:
+            raise CellrepError(f"data.tiff: sample_sites={self.sample_sites}, max_value={self.max_value}, "
+                               f"shift={self.shift} out of range",
+                               fix="use sample_sites >= 1, max_value >= 1, 0 <= shift <= 16")
+
+
+@dataclass
 class DataConfig:
     source: SourceName = MISSING
     root: Optional[str] = None  # the dataset in its own format (synthetic: generated here)
@@ -58,6 +91,18 @@ class DataConfig:
     num_workers: int = 2
     label_column: str = "perturbation"
     synthetic: Optional[SyntheticScreenConfig] = None
+    # real-dataset readers (data=rxrx3_core, data=tiff): cellrep.data.rxrx3_core, cellrep.data.tiff_plates
+    metadata: Optional[str] = None  # metadata table relative to root; null: the dataset's standard name
+    pattern: Optional[str] = None  # tiff: image path template, e.g. {plate}/{well}_s{site}_w{channel_index}.tif
+    columns: dict[str, str] = field(default_factory=dict)  # tiff: canonical column -> metadata column
+    bit_depth_rule: BitDepthRule = BitDepthRule.percentile  # tiff: 16->8 bit rule, recorded in the manifest
+    max_bad_fraction: float = 0.01  # sharding fails when more of the input is bad (cellrep.data.shards)
+    tiff: Optional[TiffConfig] = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise CellrepError(f"data.max_bad_fraction={self.max_bad_fraction} is not a fraction",
+                               fix="use 0 (no bad input tolerated) .. 1; default 0.01")
 
 
 @dataclass
@@ -112,6 +157,50 @@ class TaskConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     label_smoothing: float = 0.0
+    init_from: Optional[str] = None  # checkpoint whose encoder starts the backbone (keys checked exactly)
+    monitor: str = "val/acc"  # the metric that picks checkpoints/best.ckpt
+    monitor_mode: str = "max"
+
+    def __post_init__(self) -> None:
+        _check_init_from(self.init_from)
+
+
+@dataclass
+class MAETaskConfig:
+    """Masked-autoencoder pretraining (task=mae); see cellrep.tasks.mae."""
+
+    name: str = "mae"
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True  # MSE against per-patch standardized pixels
+    fourier_weight: float = 0.01  # weight of the L1 loss between |FFT2| of reconstruction and target
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
+    compile: bool = False  # torch.compile every transformer block
+    reconstructions_every_n_steps: int = 500  # masked/reconstruction/target images to the loggers; 0 = off
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise CellrepError(f"task.mask_ratio={self.mask_ratio} leaves nothing to see or nothing to predict",
+                               fix="use 0 < task.mask_ratio < 1 (0.75 in the MAE papers)")
+        if self.fourier_weight < 0:
+            raise CellrepError(f"task.fourier_weight={self.fourier_weight} is negative", fix="use a weight >= 0")
+        if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
+            raise CellrepError(f"task.decoder_dim={self.decoder_dim} must be divisible by decoder_heads="
+                               f"{self.decoder_heads} and by 4 (sin-cos positions)", fix="e.g. decoder_dim=512")
+
+
+def _check_init_from(path: Optional[str]) -> None:
+    from pathlib import Path
+
+    if path is not None and not Path(path).is_file():
+        raise CellrepError(f"task.init_from: no checkpoint at {path}",
+                           fix="point it at a pretraining run's checkpoints/last.ckpt (or drop task.init_from)")
 
 
 @dataclass
@@ -151,14 +240,129 @@ class PathsConfig:
     output_dir: str = MISSING
 
 
+
+# ---------------------------------------------------------------------------
+# Evaluation: cellrep-probe and cellrep-eval (DESIGN §5). Primary configs
+# `probe.yaml` / `eval.yaml` use these as their schema; each benchmark in
+# `benchmarks/` has its own node. Groups composed into them (data, split,
+# logger, paths) keep their own schemas above.
+# ---------------------------------------------------------------------------
+
+BENCHMARKS = ("recall", "consistency", "dti", "classification")
+CORRECTIONS = ("none", "pca_centerscale", "tvn")
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 64
+    num_workers: int = 2
+
+
+@dataclass
+class ProbeTrainingConfig:
+    lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    epochs: int = 30
+    batch_size: int = 256
+    weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not self.lrs or min(self.lrs) <= 0 or self.epochs < 1 or self.batch_size < 2:
+            raise CellrepError(f"probe settings out of range (lrs={self.lrs}, epochs={self.epochs}, "
+                               f"batch_size={self.batch_size})",
+                               fix="use positive learning rates, probe.epochs >= 1, probe.batch_size >= 2")
+
+
+@dataclass
+class RecallConfig:
+    sources: list[str] = field(default_factory=lambda: ["StringDB", "HuMAP", "Reactome"])
+    thresholds: list[list[float]] = field(default_factory=lambda: [[0.05, 0.95], [0.1, 0.9]])
+
+    def __post_init__(self) -> None:
+        for pair in self.thresholds:
+            if len(pair) != 2 or not 0.0 <= pair[0] < pair[1] <= 1.0:
+                raise CellrepError(f"recall threshold {list(pair)} is not a (lower, upper) pair in [0, 1]",
+                                   fix="use e.g. benchmarks.recall.thresholds=[[0.05,0.95],[0.1,0.9]]")
+
+
+@dataclass
+class ConsistencyConfig:
+    null_samples: int = 1000
+    alpha: float = 0.05
+
+
+@dataclass
+class DTIConfig:
+    targets: str = "auto"  # CSV compound,gene,activity_nM; auto: <dataset root>/compound_targets.csv
+    seeds: int = 100
+    positive_nM: float = 1000.0
+    negative_nM: float = 10000.0
+    min_negatives: int = 20
+
+
+@dataclass
+class ClassificationConfig:
+    plate_groups: bool = True
+
+
+@dataclass
+class ProbeRunConfig:
+    """cellrep-probe: ``ckpt_path`` plus probe settings; data/split come from the training run."""
+
+    ckpt_path: Optional[str] = None
+    use_run_config: bool = True  # take data + split from <run>/config.yaml next to the checkpoint
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    probe: ProbeTrainingConfig = field(default_factory=ProbeTrainingConfig)
+    task: dict[str, Any] = field(default_factory=lambda: {"name": "probe"})
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "checkpoint"})  # filled from the checkpoint
+    data: Any = None
+    split: Any = None
+    logger: Any = None
+    paths: Any = None
+
+
+@dataclass
+class EvalRunConfig(ProbeRunConfig):
+    """cellrep-eval: a checkpoint (``ckpt_path``) or an embeddings parquet (``embeddings``)."""
+
+    embeddings: Optional[str] = None
+    metadata: Optional[str] = None  # a separate metadata table for `embeddings`, joined on join_on
+    join_on: str = "well_id"
+    rename: dict[str, str] = field(default_factory=dict)  # file column -> canonical column
+    block: str = "best"  # an index, a block name, "last", or "best" (probe, or probe_results)
+    probe_results: Optional[str] = None  # probe.json of a cellrep-probe run, for block=best
+    corrections: list[str] = field(default_factory=lambda: list(CORRECTIONS))
+    write_corrected: bool = True
+    benchmarks: Any = None
+    task: dict[str, Any] = field(default_factory=lambda: {"name": "eval"})
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.corrections if c not in CORRECTIONS]
+        if bad or not self.corrections:
+            raise CellrepError(f"unknown batch correction(s) {bad}" if bad else "corrections is empty",
+                               fix=f"use corrections=[...] from {list(CORRECTIONS)}")
+        if (self.ckpt_path is None) == (self.embeddings is None):
+            raise CellrepError("cellrep-eval needs exactly one of ckpt_path=... and embeddings=...",
+                               fix="pass ckpt_path=<checkpoint> or embeddings=<parquet with feature_* columns>")
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="data", name="schema_data", node=DataConfig)
     cs.store(group="split", name="schema_split", node=SplitConfig)
     cs.store(group="model", name="schema_model", node=ModelConfig)
     cs.store(group="task", name="schema_task", node=TaskConfig)
+    cs.store(group="task", name="schema_mae_task", node=MAETaskConfig)
     cs.store(group="trainer", name="schema_trainer", node=TrainerConfig)
     cs.store(group="paths", name="schema_paths", node=PathsConfig)
+    # evaluation (see the block above)
+    cs.store(name="schema_probe", node=ProbeRunConfig)
+    cs.store(name="schema_eval", node=EvalRunConfig)
+    for name, node in (("recall", RecallConfig), ("consistency", ConsistencyConfig), ("dti", DTIConfig),
+                       ("classification", ClassificationConfig)):
+        cs.store(group="benchmarks", name=f"schema_{name}", node={name: node})
 
 
 _SCHEMAS = {

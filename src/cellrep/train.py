@@ -19,6 +19,8 @@ from cellrep.data.datamodule import CellDataModule
 from cellrep.data.prepare import ensure_shards
 from cellrep.report import run_report
 from cellrep.rundir import RunDir
+from cellrep.tasks.init_from import load_encoder
+from cellrep.tasks.mae import MAETask
 from cellrep.tasks.supervised import SupervisedTask
 
 log = logging.getLogger("cellrep.train")
@@ -38,15 +40,25 @@ def build_datamodule(cfg: DictConfig, shards_dir) -> CellDataModule:
     )
 
 
-def build_task(cfg: DictConfig, dm: CellDataModule) -> SupervisedTask:
+def build_task(cfg: DictConfig, dm: CellDataModule) -> L.LightningModule:
+    """The LightningModule named by ``task.name``: ``mae`` pretraining or ``supervised`` classification."""
+    if cfg.task.name == "mae":
+        options = OmegaConf.to_container(cfg.task, resolve=True)
+        for key in ("name", "monitor", "monitor_mode"):  # read by the config, not the module
+            options.pop(key)
+        return MAETask(model=OmegaConf.to_container(cfg.model, resolve=True), in_chans=dm.in_chans, **options)
     cell_types = sorted(dm.index["cell_type"].unique())
     group_of_index = torch.tensor(dm.index["cell_type"].map({c: i for i, c in enumerate(cell_types)}).to_numpy())
-    return SupervisedTask(
+    task = SupervisedTask(
         model=OmegaConf.to_container(cfg.model, resolve=True), in_chans=dm.in_chans, num_classes=dm.num_classes,
         optimizer=OmegaConf.to_container(cfg.task.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.task.scheduler, resolve=True),
         label_smoothing=cfg.task.label_smoothing, group_names=cell_types, group_of_index=group_of_index,
     )
+    if cfg.task.get("init_from"):
+        fresh = load_encoder(task.backbone, cfg.task.init_from)
+        log.info("backbone from %s (left at initialization: %s)", cfg.task.init_from, ", ".join(fresh) or "nothing")
+    return task
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:

@@ -15,7 +15,7 @@ from cellrep.errors import CellrepError
 from cellrep.schema import CANONICAL_COLUMNS, NEGATIVE_CONTROL, RXRX1_CHANNELS
 
 RXRX1_COLUMNS = ["site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well", "site",
-                 "well_type", "sirna", "sirna_id"]  # fmt: skip
+                 "well_type", "sirna", "sirna_id"]
 # (experiment, plate, well, well_type, sirna, sirna_id, dataset); two sites per well
 WELLS = [
     ("HUVEC-01", 1, "B02", "treatment", "s21721", 12, "train"),
@@ -40,7 +40,7 @@ def write_rxrx1(root, wells=WELLS, channels=6, extra_columns=None, drop_column=N
             site_id = f"{experiment}_{plate}_{well}_{site}"
             rows.append(dict(site_id=site_id, well_id=f"{experiment}_{plate}_{well}", cell_type=experiment[:-3],
                              dataset=dataset, experiment=experiment, plate=plate, well=well, site=site,
-                             well_type=well_type, sirna=sirna, sirna_id=sirna_id))  # fmt: skip
+                             well_type=well_type, sirna=sirna, sirna_id=sirna_id))
             folder = root / "images" / experiment / f"Plate{plate}"
             folder.mkdir(parents=True, exist_ok=True)
             for c in range(1, channels + 1):
@@ -92,7 +92,7 @@ def test_load_returns_the_written_pixels_in_channel_order(rxrx1_root):
 
 def test_synthetic_extension_columns_are_used(tmp_path):
     wells = [("HUVEC-01", 1, "B02", "treatment", "CMPD-01", 3, "train"),
-             ("HUVEC-01", 1, "B03", "negative_control", NEGATIVE_CONTROL, 9, "train")]  # fmt: skip
+             ("HUVEC-01", 1, "B03", "negative_control", NEGATIVE_CONTROL, 9, "train")]
     extra = {
         "perturbation_type": ["COMPOUND"] * 2 + ["control"] * 2,
         "concentration": [2.5, 2.5, None, None],

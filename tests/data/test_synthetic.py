@@ -20,14 +20,14 @@ from cellrep.errors import CellrepError
 from cellrep.schema import NEGATIVE_CONTROL, RXRX1_CHANNELS
 
 METADATA_COLUMNS = ["site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well", "site",
-                    "well_type", "sirna", "sirna_id", "perturbation_type", "concentration", "target"]  # fmt: skip
+                    "well_type", "sirna", "sirna_id", "perturbation_type", "concentration", "target"]
 SMALL = dict(experiments_per_cell_type=2, sites_per_well=1, image_size=32, num_modules=3, genes_per_module=3,
-             num_compounds=2, concentrations=(0.1, 10.0), control_wells_per_plate=2)  # fmt: skip
+             num_compounds=2, concentrations=(0.1, 10.0), control_wells_per_plate=2)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def read_site(root: Path, row, channels: int) -> np.ndarray:
@@ -89,7 +89,7 @@ def test_default_screen_is_in_rxrx1_format(default_screen, default_record):
     assert split.map(lambda s: next(iter(s))).to_dict() == {
         **{f"HUVEC-0{i}": "train" for i in (1, 2, 3)}, "HUVEC-04": "test",
         **{f"RPE-0{i}": "train" for i in (1, 2, 3)}, "RPE-04": "test",
-    }  # fmt: skip
+    }
     controls = meta[meta["sirna"] == NEGATIVE_CONTROL]
     assert set(controls["well_type"]) == {"negative_control"} and set(controls["perturbation_type"]) == {"control"}
     assert len(controls) == 4 * 2 * 8
@@ -182,12 +182,12 @@ def test_planted_biology_is_learnable_across_experiments(default_screen):
 def test_batch_effects_change_the_same_perturbation_across_experiments(tmp_path):
     def control_means(strength: float) -> np.ndarray:
         spec = SyntheticScreenSpec(batch_effect_strength=strength, cell_types=("HUVEC",), **{
-            **SMALL, "experiments_per_cell_type": 4, "control_wells_per_plate": 6})  # fmt: skip
+            **SMALL, "experiments_per_cell_type": 4, "control_wells_per_plate": 6})
         root = generate_screen(spec, tmp_path / f"s{strength}", progress=False)
         meta = pd.read_csv(root / "metadata.csv")
         controls = meta[meta["perturbation_type"] == "control"]
         means = {e: np.mean([read_site(root, r, 6).mean((1, 2)) for r in rows.itertuples()], axis=0)
-                 for e, rows in controls.groupby("experiment")}  # fmt: skip
+                 for e, rows in controls.groupby("experiment")}
         return np.array(list(means.values()))  # experiments × channels
 
     with_batch, without_batch = control_means(1.0), control_means(0.0)
@@ -253,7 +253,7 @@ def test_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
     [dict(sites_per_well=0), dict(cell_types=()), dict(cell_types=("HU_VEC",)), dict(channel_names=()),
      dict(image_size=8), dict(genes_per_module=1), dict(concentrations=(0.0, 1.0)), dict(effect_strength=-1),
      dict(num_modules=100, genes_per_module=4)],
-)  # fmt: skip
+)
 def test_bad_spec_is_rejected(bad):
     with pytest.raises(CellrepError):
         SyntheticScreenSpec(**bad)

@@ -44,8 +44,20 @@ def build_source(data_cfg: DictConfig, progress: bool = True) -> tuple[ImageSour
         kwargs = {"channel_names": tuple(channels)} if channels else {}
         source = RxRx1Source(root, expected_channels=expected, **kwargs)
         default_shards = root / "shards"
+    elif source_name == "rxrx3_core":
+        from cellrep.data.rxrx3_core import RxRx3CoreSource
+
+        kwargs = {"channel_names": tuple(channels)} if channels else {}
+        source = RxRx3CoreSource(root, expected_channels=expected, metadata=data_cfg.get("metadata"), **kwargs)
+        default_shards = root / "shards"
+    elif source_name == "tiff":
+        from cellrep.data.tiff_plates import TiffPlateSource
+
+        source = TiffPlateSource.from_config(root, data_cfg)
+        default_shards = root / "shards"
     else:  # the config schema's enum makes this unreachable from the CLI
-        raise CellrepError(f"unknown data source '{source_name}'", fix="use data=synthetic or data=rxrx1")
+        raise CellrepError(f"unknown data source '{source_name}'",
+                           fix="use data=synthetic, data=rxrx1, data=rxrx3_core or data=tiff")
     shards_dir = Path(data_cfg.shards_dir).expanduser() if data_cfg.shards_dir else default_shards
     return source, shards_dir
 
@@ -56,5 +68,6 @@ def ensure_shards(data_cfg: DictConfig, progress: bool = True) -> Path:
 
     source, shards_dir = build_source(data_cfg, progress=progress)
     write_shards(source, shards_dir, samples_per_shard=data_cfg.samples_per_shard,
-                 num_workers=data_cfg.shard_workers, progress=progress)
+                 num_workers=data_cfg.shard_workers, progress=progress,
+                 max_bad_fraction=data_cfg.get("max_bad_fraction", 0.01))
     return shards_dir

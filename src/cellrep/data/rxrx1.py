@@ -54,7 +54,7 @@ def _to_canonical(raw: pd.DataFrame, source: str) -> pd.DataFrame:
             out["concentration"] = pd.to_numeric(conc, errors="raise").astype("float64")
         except (TypeError, ValueError) as exc:
             raise CellrepError(f"{source}: column 'concentration' is not numeric: {exc}",
-                               fix="write concentrations in µM as numbers, empty for non-compounds") from None  # fmt: skip
+                               fix="write concentrations in µM as numbers, empty for non-compounds") from None
     else:
         out["concentration"] = np.nan
     for optional in ("dataset", "target", "smiles"):
@@ -78,19 +78,19 @@ class RxRx1Source:
         self.channel_names = tuple(channel_names)
         if not self.root.is_dir():
             raise CellrepError(f"RxRx1 root {self.root} does not exist or is not a directory",
-                               fix="set data.root to the folder holding metadata.csv and images/")  # fmt: skip
+                               fix="set data.root to the folder holding metadata.csv and images/")
         metadata_path = self.root / "metadata.csv"
         if not metadata_path.is_file():
             raise CellrepError(f"{metadata_path} is missing",
                                fix="point data.root at the RxRx1 folder that contains metadata.csv "
-                               "(download rxrx1 metadata alongside images/)")  # fmt: skip
+                               "(download rxrx1 metadata alongside images/)")
         metadata_bytes = metadata_path.read_bytes()
         raw = pd.read_csv(metadata_path, dtype=str)
         missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
         if missing:
             raise CellrepError(f"{metadata_path} lacks RxRx1 column(s) {missing}",
                                fix="use the RxRx1 metadata.csv (columns site_id, well_id, cell_type, dataset, "
-                               "experiment, plate, well, site, well_type, sirna, sirna_id)")  # fmt: skip
+                               "experiment, plate, well, site, well_type, sirna, sirna_id)")
         self.metadata = _to_canonical(raw, str(metadata_path))
         self._rows = {sid: i for i, sid in enumerate(self.metadata["site_id"].tolist())}
         self.fingerprint = hashlib.sha256(
@@ -107,7 +107,7 @@ class RxRx1Source:
         if expected != len(self.channel_names):
             raise CellrepError(f"expected_channels={expected} but {len(self.channel_names)} channel names "
                                f"are configured: {list(self.channel_names)}",
-                               fix="give one name per channel in data.channel_names")  # fmt: skip
+                               fix="give one name per channel in data.channel_names")
         first = self.metadata.iloc[0]
         prefix = self._site_prefix(first)
         found = sorted(
@@ -118,12 +118,12 @@ class RxRx1Source:
         if not found:
             raise CellrepError(f"no channel images {prefix}_w<c>.png for the first site {first['site_id']}",
                                fix=f"check data.root ({self.root}); images must be under "
-                               "images/<experiment>/Plate<p>/<well>_s<site>_w<c>.png")  # fmt: skip
+                               "images/<experiment>/Plate<p>/<well>_s<site>_w<c>.png")
         if len(found) != expected:
             raise CellrepError(f"site {first['site_id']} has {len(found)} channel image(s) on disk "
                                f"(w{found}), but {expected} channels are configured",
                                fix=f"set data.channel_names to the {len(found)} channels of this dataset "
-                               "(and the model's in_chans to match)")  # fmt: skip
+                               "(and the model's in_chans to match)")
 
     def load(self, site_id: str) -> np.ndarray:
         """The site's ``C×H×W`` uint8 image, channels in ``channel_names`` order."""
@@ -131,27 +131,27 @@ class RxRx1Source:
             row = self.metadata.iloc[self._rows[site_id]]
         except KeyError:
             raise CellrepError(f"site '{site_id}' is not in {self.root / 'metadata.csv'}",
-                               fix="use a site_id listed in the metadata") from None  # fmt: skip
+                               fix="use a site_id listed in the metadata") from None
         prefix = self._site_prefix(row)
         planes = []
         for c in range(1, len(self.channel_names) + 1):
             path = prefix.parent / f"{prefix.name}_w{c}.png"
             if not path.is_file():
                 raise CellrepError(f"channel image {path} of site {site_id} is missing",
-                                   fix="restore the file, or drop the site from metadata.csv")  # fmt: skip
+                                   fix="restore the file, or drop the site from metadata.csv")
             try:
                 with Image.open(path) as image:
                     mode, plane = image.mode, np.asarray(image)
             except (OSError, SyntaxError, ValueError) as exc:  # PIL raises SyntaxError on broken PNGs
                 raise CellrepError(f"channel image {path} cannot be read: {exc}",
-                                   fix="re-download or re-export the file (8-bit grayscale PNG)") from None  # fmt: skip
+                                   fix="re-download or re-export the file (8-bit grayscale PNG)") from None
             if mode != "L" or plane.dtype != np.uint8:
                 raise CellrepError(f"{path} is a '{mode}' image; RxRx1 channels must be 8-bit grayscale ('L')",
                                    fix="convert the images to 8-bit single-channel PNG, or read 16-bit data "
-                                   "with the TIFF plate source")  # fmt: skip
+                                   "with the TIFF plate source")
             if planes and plane.shape != planes[0].shape:
                 raise CellrepError(f"{path} is {plane.shape[1]}×{plane.shape[0]} but channel 1 of site {site_id} "
                                    f"is {planes[0].shape[1]}×{planes[0].shape[0]}",
-                                   fix="all channels of a site must have the same size")  # fmt: skip
+                                   fix="all channels of a site must have the same size")
             planes.append(plane)
         return np.stack(planes)

@@ -12,6 +12,18 @@ training streams the shards. Layout of a shards directory:
 - ``plan.json`` (written first: fingerprint + shard assignment, enables resume),
   ``index.parquet`` (one row per site, shard order) and ``manifest.json``
   (written last: its presence means the directory is complete).
+- ``problems.json`` — the bad input met (see below), written when there was any.
+
+Bad input is counted, not fatal one item at a time: a source lists what it
+found wrong while indexing in ``source.problems`` (dicts ``kind``, ``item``,
+``detail``: keys that do not parse, images without metadata, metadata rows
+without images, wells missing a channel), and a ``load`` that raises
+:class:`UnreadableSite` (a corrupt or undecodable file) is skipped, recorded in
+the shard's sidecar (so a resumed run does not retry it) and counted. At the
+end a summary names them all; above ``max_bad_fraction`` of the sites the run
+fails with the list (and no manifest), so a rerun with a higher threshold only
+rebuilds the index. Any other exception while reading stops the run: a
+transient disk error must not silently drop data.
 
 Every file goes to a temp name in the same directory, is fsynced and then
 ``os.replace``d, so a killed run never leaves a half-written file under a
@@ -43,6 +55,12 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST, INDEX, PLAN = "manifest.json", "index.parquet", "plan.json"
 _SHARD_FIX = "run `cellrep-shard` with this data config (it resumes an interrupted run)"
+PROBLEMS = "problems.json"
+
+
+class UnreadableSite(CellrepError):
+    """Raised by a source's ``load`` when the site's own data is bad (corrupt, truncated or
+    undecodable file, channels of different sizes): the writer skips and counts the site."""
 
 
 def shard_key(site_id: str) -> str:
@@ -162,13 +180,18 @@ def _write_shard(source, spec: dict, rows: list[dict], out_dir: Path, shape, fin
     path = out_dir / spec["name"]
     c = shape[0]
     stats = {"all": _empty_sums(c), "controls": _empty_sums(c)}
-    offsets = []
+    offsets, skipped = [], []
 
     def write(f):
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for sid, row in zip(spec["site_ids"], rows):
                 try:
                     img = source.load(sid)
+                except UnreadableSite as exc:  # bad input: counted and named at the end
+                    skipped.append({"kind": "unreadable_image", "item": sid, "detail": exc.problem})
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 except CellrepError:
                     raise
                 except Exception as exc:  # noqa: BLE001 — name the site, keep the cause
@@ -197,7 +220,7 @@ def _write_shard(source, spec: dict, rows: list[dict], out_dir: Path, shape, fin
 
     _atomic_write(path, write)
     sidecar = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "name": spec["name"],
-               "sites_digest": _digest(spec["site_ids"]), "num_samples": len(spec["site_ids"]),
+               "sites_digest": _digest(spec["site_ids"]), "num_samples": len(offsets), "skipped": skipped,
                "size_bytes": path.stat().st_size, "offsets": offsets, **stats}
     _write_json(_sidecar_path(out_dir, spec["name"]), sidecar, indent=None)
     return sidecar
@@ -224,7 +247,7 @@ def _finished_sidecar(out_dir: Path, spec: dict, fingerprint: str) -> dict | Non
             n = sum(1 for m in tar.getmembers() if m.isreg())
     except (tarfile.TarError, OSError):
         return None
-    return side if n == 2 * len(spec["site_ids"]) else None
+    return side if n == 2 * side.get("num_samples", -1) == 2 * len(side.get("offsets", ())) else None
 
 
 _WORKER_SOURCE = None
@@ -287,29 +310,36 @@ def _refuse_other_dataset(out_dir: Path, source, plan: list[dict]) -> None:
 
 
 def write_shards(source, out_dir: Path, samples_per_shard: int = 256, num_workers: int = 0,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, max_bad_fraction: float = 0.01) -> dict:
     """Write ``source`` into ``out_dir`` as shards; resume or skip work already done.
 
     Returns the manifest. ``num_workers > 0`` writes shards in that many
     processes (byte-identical output: each shard is written by one function
-    that depends only on the source).
+    that depends only on the source). Bad input above ``max_bad_fraction`` of
+    the sites raises :class:`CellrepError` with the list (see module docstring).
+    A source may have ``describe()`` returning a JSON-able record of its reading
+    rules; it is called before writing (so it may prepare state the worker
+    processes inherit) and stored as ``manifest["source"]``.
     """
     out_dir = Path(out_dir)
     meta = validate_metadata(source.metadata, source.name)
     channel_names = [str(c) for c in source.channel_names]
     plan = plan_shards(meta, samples_per_shard)
-    planned = [{k: s[k] for k in ("name", "experiment", "plate")} | {"num_samples": len(s["site_ids"])} for s in plan]
+    plan_digest = _digest([f"{s['name']}:{_digest(s['site_ids'])}" for s in plan])
     out_dir.mkdir(parents=True, exist_ok=True)
     _refuse_other_dataset(out_dir, source, plan)
     old = _read_json(out_dir / MANIFEST)
-    if old and old["shards"] == planned and (out_dir / INDEX).exists() and all(
+    if old and old.get("plan_digest") == plan_digest and (out_dir / INDEX).exists() and all(
             (out_dir / s["name"]).exists() for s in plan):
         log.info("shards up to date: %s (%d samples)", out_dir, old["num_samples"])
         return old
+    problems = [dict(p) for p in getattr(source, "problems", ())]
+    total = len(meta) + len(problems)
+    _check_bad_input(problems, total, max_bad_fraction, source.name, out_dir, final=False)
     _start_plan(out_dir, source, plan, samples_per_shard)
+    source_info = source.describe() if callable(getattr(source, "describe", None)) else None
 
-    sid0 = plan[0]["site_ids"][0]
-    shape = tuple(int(x) for x in _check_image(source.load(sid0), sid0, None).shape)
+    shape = _probe_shape(source, plan)
     if shape[0] != len(channel_names):
         raise CellrepError(
             f"{source.name}: images have {shape[0]} channels but the source names {len(channel_names)} "
@@ -319,21 +349,76 @@ def write_shards(source, out_dir: Path, samples_per_shard: int = 256, num_worker
     if sidecars:
         log.info("resuming: %d of %d shards already written", len(sidecars), len(plan))
     todo = [s for s in plan if s["name"] not in sidecars]
-    done = sum(side["num_samples"] for side in sidecars.values())
+    done = sum(side["num_samples"] + len(side.get("skipped", ())) for side in sidecars.values())
     with tqdm(total=len(meta), initial=done, unit="site", desc=f"sharding {source.name}",
               disable=not progress) as bar:
         sidecars |= _write_missing(source, meta, todo, out_dir, shape, num_workers, bar)
 
+    problems += [p for s in plan for p in sidecars[s["name"]].get("skipped", ())]
+    _check_bad_input(problems, total, max_bad_fraction, source.name, out_dir, final=True)
     index = _build_index(meta, plan, sidecars)
     _atomic_write(out_dir / INDEX, lambda f: index.to_parquet(f, index=False))
     plate_stats, global_stats = _stats(plan, sidecars, shape[0])
+    shards = [{k: s[k] for k in ("name", "experiment", "plate")} | {"num_samples": sidecars[s["name"]]["num_samples"]}
+              for s in plan]
     manifest = {"format_version": FORMAT_VERSION, "dataset": source.name, "fingerprint": source.fingerprint,
                 "channel_names": channel_names, "image_shape": list(shape), "encoding": "npy",
-                "num_samples": len(index), "shards": planned, "plate_stats": plate_stats,
-                "global_stats": global_stats}
+                "num_samples": len(index), "shards": shards, "plan_digest": plan_digest,
+                "plate_stats": plate_stats, "global_stats": global_stats,
+                "bad_input": _bad_input_counts(problems, total)}
+    if source_info is not None:
+        manifest["source"] = source_info
     _write_json(out_dir / MANIFEST, manifest)
     log.info("wrote %d samples in %d shards to %s", len(index), len(plan), out_dir)
     return manifest
+
+
+def _probe_shape(source, plan: list[dict]) -> tuple[int, ...]:
+    """Shape of the first readable site (unreadable ones are skipped here and counted later)."""
+    for spec in plan:
+        for sid in spec["site_ids"]:
+            try:
+                return tuple(int(x) for x in _check_image(source.load(sid), sid, None).shape)
+            except UnreadableSite:
+                continue
+    raise CellrepError(f"{source.name}: no site could be read", fix="check data.root and the image files")
+
+
+def _bad_input_counts(problems: list[dict], total: int) -> dict:
+    kinds: dict[str, int] = {}
+    for p in problems:
+        kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
+    return {"count": len(problems), "fraction": len(problems) / max(total, 1), "by_kind": kinds}
+
+
+def bad_input_summary(problems: list[dict], total: int, show: int = 5) -> str:
+    """Counts per kind and the first ``show`` items of each, one line per kind."""
+    counts = _bad_input_counts(problems, total)
+    lines = [f"bad input: {counts['count']} of {total} items ({counts['fraction']:.2%})"]
+    for kind, n in sorted(counts["by_kind"].items()):
+        items = [p for p in problems if p["kind"] == kind]
+        named = "; ".join(f"{p['item']}" + (f" ({p['detail']})" if p.get("detail") else "") for p in items[:show])
+        lines.append(f"  {kind}: {n} — {named}" + (" ..." if n > show else ""))
+    return "\n".join(lines)
+
+
+def _check_bad_input(problems: list[dict], total: int, max_fraction: float, name: str, out_dir: Path,
+                     final: bool) -> None:
+    """Summarize bad input (at the end) and fail above ``max_fraction`` of all items."""
+    if not problems:
+        if final:
+            (out_dir / PROBLEMS).unlink(missing_ok=True)  # left by an earlier run of this dataset
+        return
+    too_many = len(problems) > max_fraction * total
+    if final or too_many:
+        _write_json(out_dir / PROBLEMS, {"total": total, "problems": problems})
+    if final and not too_many:
+        log.warning("%s: skipped %s\n  full list: %s", name, bad_input_summary(problems, total), out_dir / PROBLEMS)
+    if too_many:
+        raise CellrepError(f"{name}: too much bad input, more than data.max_bad_fraction={max_fraction:g} — "
+                           f"{bad_input_summary(problems, total, show=20)}\n  full list: {out_dir / PROBLEMS}",
+                           fix="repair or remove the items listed, or raise data.max_bad_fraction to skip them "
+                           "(rerunning resumes: finished shards are kept)")
 
 
 def _start_plan(out_dir: Path, source, plan: list[dict], samples_per_shard: int) -> None:
@@ -379,8 +464,10 @@ def _write_missing(source, meta, todo, out_dir, shape, num_workers, bar) -> dict
 def _build_index(meta: pd.DataFrame, plan: list[dict], sidecars: dict[str, dict]) -> pd.DataFrame:
     order, shard, offset, size = [], [], [], []
     for spec in plan:
-        order += spec["site_ids"]
-        shard += [spec["name"]] * len(spec["site_ids"])
+        skipped = {p["item"] for p in sidecars[spec["name"]].get("skipped", ())}
+        written = [sid for sid in spec["site_ids"] if sid not in skipped]
+        order += written
+        shard += [spec["name"]] * len(written)
         offs = sidecars[spec["name"]]["offsets"]
         offset += [o for o, _ in offs]
         size += [n for _, n in offs]

@@ -8,8 +8,9 @@ real data, and every benchmark has a planted answer:
   module sharing a phenotype direction → relationship recall is meaningful;
 * each compound copies its target gene's phenotype through a Hill dose response
   → ``compound_targets.csv`` is the ground truth of the DTI benchmark;
-* experiments add microscope batch effects and small biological drifts, cell
-  types shift the base morphology → batch splits are harder than random ones.
+* experiments add microscope batch effects, small biological drifts and a
+  batch × perturbation interaction; cell types shift the base morphology
+  → batch splits are harder than random ones.
 
 Generation is deterministic: every random draw is keyed by (seed, what it is
 for, name of the thing), never by generation order.
@@ -51,6 +52,11 @@ PLATE_DRIFT = 0.1
 # perturbation looks a little different in every experiment. A random split sees
 # each experiment's version in training; a batch split must generalize past it.
 INTERACTION = 0.3
+# Batch × biology: each experiment expresses phenotypes through its own distortion
+# (I + DISTORTION·G/√P) of morphology space (seeding density, serum lot...). A model
+# learns an experiment's distortion from all of its wells when the experiment is in
+# training (random split), and cannot when it is held out (batch split).
+DISTORTION = 0.6
 
 
 @dataclass
@@ -80,11 +86,11 @@ class SyntheticScreenSpec:
         self.channel_names = tuple(str(c) for c in self.channel_names)
         self.concentrations = tuple(float(c) for c in self.concentrations)
         positive = ("experiments_per_cell_type", "plates_per_experiment", "sites_per_well", "num_modules",
-                    "control_wells_per_plate")  # fmt: skip
+                    "control_wells_per_plate")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise CellrepError(f"synthetic screen: {name} must be >= 1, got {getattr(self, name)}",
-                                   fix=f"set data.synthetic.{name} to a positive integer")  # fmt: skip
+                                   fix=f"set data.synthetic.{name} to a positive integer")
         checks = [
             (len(self.cell_types) >= 1, "cell_types is empty", "list at least one cell type"),
             (all(c and not set(c) & set("_/ ") for c in self.cell_types),
@@ -102,7 +108,7 @@ class SyntheticScreenSpec:
             (self.wells_per_plate <= len(INNER_WELLS),
              f"{self.wells_per_plate} wells per plate exceed the {len(INNER_WELLS)} inner wells of a 384 plate",
              "use fewer modules/genes/compounds/concentrations/control wells"),
-        ]  # fmt: skip
+        ]
         for ok, problem, fix in checks:
             if not ok:
                 raise CellrepError(f"synthetic screen: {problem}", fix=fix)
@@ -122,11 +128,22 @@ def _rng(seed: int, stream: str, *keys: object) -> np.random.Generator:
     return np.random.default_rng([int(seed), *words])
 
 
+def _generator_constants() -> dict[str, float]:
+    """Strengths fixed in code; part of the fingerprint so retuning them invalidates caches."""
+    return dict(well_noise=WELL_NOISE, site_noise=SITE_NOISE, cell_type_spread=CELL_TYPE_SPREAD,
+                batch_drift=BATCH_DRIFT, plate_drift=PLATE_DRIFT, interaction=INTERACTION, distortion=DISTORTION,
+                effect_norm=planted.EFFECT_NORM, compound_target_cosine=planted.COMPOUND_TARGET_COSINE,
+                hill_slope=planted.HILL_SLOPE)
+
+
 def spec_fingerprint(spec: SyntheticScreenSpec) -> str:
-    """Short hash of the spec, the format version and the annotation file's content."""
-    annotation = resolve_annotation_path(spec.annotation_source).read_bytes()
+    """Short hash of the spec, the format version, the code constants and the annotation file's content.
+
+    Bump FORMAT_VERSION whenever drawing or layout code changes what a spec produces.
+    """
+    annotation = hashlib.sha256(resolve_annotation_path(spec.annotation_source).read_bytes()).hexdigest()
     payload = json.dumps(
-        {"spec": asdict(spec), "format": FORMAT_VERSION, "annotation": hashlib.sha256(annotation).hexdigest()},
+        {"spec": asdict(spec), "format": FORMAT_VERSION, "constants": _generator_constants(), "annotation": annotation},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -149,15 +166,15 @@ def experiment_names(spec: SyntheticScreenSpec) -> list[tuple[str, str, str]]:
 def _plate_wells(spec: SyntheticScreenSpec, biology: planted.Biology) -> list[dict]:
     """One plate's perturbations (before placement): genes, compound doses, controls."""
     wells = [dict(sirna=g, sirna_id=i + 1, perturbation_type="siRNA", well_type="treatment",
-                  concentration=np.nan, target="") for i, g in enumerate(biology.genes)]  # fmt: skip
+                  concentration=np.nan, target="") for i, g in enumerate(biology.genes)]
     for j, compound in enumerate(biology.compounds):
         for conc in spec.concentrations:
             wells.append(dict(sirna=compound.name, sirna_id=spec.num_genes + j + 1, perturbation_type="COMPOUND",
-                              well_type="treatment", concentration=conc, target=compound.target))  # fmt: skip
+                              well_type="treatment", concentration=conc, target=compound.target))
     control_id = spec.num_genes + spec.num_compounds + 1
     wells += [dict(sirna=NEGATIVE_CONTROL, sirna_id=control_id, perturbation_type="control",
                    well_type="negative_control", concentration=np.nan, target="")
-              for _ in range(spec.control_wells_per_plate)]  # fmt: skip
+              for _ in range(spec.control_wells_per_plate)]
     return wells
 
 
@@ -175,23 +192,29 @@ def _layout(spec: SyntheticScreenSpec, biology: planted.Biology) -> pd.DataFrame
                     rows.append(dict(site_id=make_site_id(experiment, plate, address, site),
                                      well_id=f"{experiment}_{plate}_{address}", cell_type=cell_type,
                                      dataset=dataset, experiment=experiment, plate=plate, well=address,
-                                     site=site, **wells[k]))  # fmt: skip
+                                     site=site, **wells[k]))
     columns = ["site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well", "site",
-               "well_type", "sirna", "sirna_id", "perturbation_type", "concentration", "target"]  # fmt: skip
+               "well_type", "sirna", "sirna_id", "perturbation_type", "concentration", "target"]
     return pd.DataFrame(rows, columns=columns)
 
 
 def _site_morphology(spec: SyntheticScreenSpec, biology: planted.Biology, row, num_params: int) -> np.ndarray:
-    """z of one site = cell type base + perturbation + experiment/plate drift + well/site noise."""
-    z = CELL_TYPE_SPREAD * _rng(spec.seed, "cell_type", row.cell_type).standard_normal(num_params)
-    z += biology.shift(row.sirna, row.concentration)
+    """z of one site = cell type base + perturbation + batch drift and interaction + well/site noise."""
+
+    def normal(*keys: object) -> np.ndarray:
+        return _rng(spec.seed, *keys).standard_normal(num_params)
+
     strength = spec.batch_effect_strength
-    z += strength * BATCH_DRIFT * _rng(spec.seed, "drift", row.experiment).standard_normal(num_params)
-    z += strength * PLATE_DRIFT * _rng(spec.seed, "drift", row.experiment, row.plate).standard_normal(num_params)
+    distortion = np.eye(num_params) + strength * DISTORTION / np.sqrt(num_params) * np.reshape(
+        _rng(spec.seed, "distortion", row.experiment).standard_normal(num_params * num_params), (num_params, -1)
+    )
+    z = CELL_TYPE_SPREAD * normal("cell_type", row.cell_type)
+    z += distortion @ biology.shift(row.sirna, row.concentration)
+    z += strength * BATCH_DRIFT * normal("drift", row.experiment)
+    z += strength * PLATE_DRIFT * normal("drift", row.experiment, row.plate)
     if row.perturbation_type != "control":
-        z += strength * INTERACTION * _rng(spec.seed, "interaction", row.experiment, row.sirna).standard_normal(num_params)
-    z += WELL_NOISE * _rng(spec.seed, "well", row.well_id).standard_normal(num_params)
-    z += SITE_NOISE * _rng(spec.seed, "site", row.site_id).standard_normal(num_params)
+        z += strength * INTERACTION * normal("interaction", row.experiment, row.sirna)
+    z += WELL_NOISE * normal("well", row.well_id) + SITE_NOISE * normal("site", row.site_id)
     return z
 
 
@@ -210,7 +233,7 @@ def generate_screen(spec: SyntheticScreenSpec, out_dir: Path, progress: bool = T
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise CellrepError(f"synthetic screen output {out_dir} already exists; refusing to overwrite it",
-                           fix="choose another directory, delete it, or use ensure_screen() to reuse a cache")  # fmt: skip
+                           fix="choose another directory, delete it, or use ensure_screen() to reuse a cache")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     num_channels, size = len(spec.channel_names), spec.image_size
     pairs = load_pairs(spec.annotation_source)
@@ -219,7 +242,7 @@ def generate_screen(spec: SyntheticScreenSpec, out_dir: Path, progress: bool = T
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         acquisitions = {e: Acquisition.random(num_channels, spec.batch_effect_strength, _rng(spec.seed, "scope", e))
-                        for e, _, _ in experiment_names(spec)}  # fmt: skip
+                        for e, _, _ in experiment_names(spec)}
         bar = tqdm(total=len(table), desc="synthetic screen", unit="site", disable=not progress)
         for (experiment, plate), sites in table.groupby(["experiment", "plate"], sort=False):
             plate_dir = tmp / "images" / experiment / f"Plate{plate}"
@@ -242,7 +265,8 @@ def generate_screen(spec: SyntheticScreenSpec, out_dir: Path, progress: bool = T
             "parameter_names": list(parameter_names(num_channels)),
             "experiments": [dict(experiment=e, cell_type=c, dataset=d) for e, c, d in experiment_names(spec)],
             "acquisition": {e: {k: np.asarray(v).round(6).tolist() for k, v in asdict(a).items()}
-                            for e, a in acquisitions.items()},  # fmt: skip
+                            for e, a in acquisitions.items()},
+            "constants": _generator_constants(),
             **biology.describe(),
         }
         (tmp / COMPLETE_MARKER).write_text(json.dumps(record, indent=2) + "\n")
@@ -251,7 +275,7 @@ def generate_screen(spec: SyntheticScreenSpec, out_dir: Path, progress: bool = T
             os.rename(tmp, out_dir)
         except OSError:
             raise CellrepError(f"synthetic screen output {out_dir} appeared while generating; not overwriting it",
-                               fix="another process wrote it; reuse it with ensure_screen() or delete it") from None  # fmt: skip
+                               fix="another process wrote it; reuse it with ensure_screen() or delete it") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -259,6 +283,7 @@ def generate_screen(spec: SyntheticScreenSpec, out_dir: Path, progress: bool = T
 
 
 def is_complete_screen(path: Path, fingerprint: str | None = None) -> bool:
+    """True when ``path`` holds a finished screen (of ``fingerprint``, when given)."""
     marker = Path(path) / COMPLETE_MARKER
     if not marker.is_file():
         return False
@@ -278,7 +303,7 @@ def ensure_screen(spec: SyntheticScreenSpec, cache_root: Path, progress: bool = 
         return path
     if path.exists():
         raise CellrepError(f"{path} exists but is not a complete synthetic screen",
-                           fix=f"delete {path}; it will be regenerated")  # fmt: skip
+                           fix=f"delete {path}; it will be regenerated")
     if progress:
         print(f"generating synthetic screen at {path}")
     try:

@@ -70,7 +70,7 @@ class Acquisition:
         offset = strength * 0.04 * np.abs(rng.standard_normal(num_channels))
         angle = rng.uniform(0, 2 * np.pi)
         gradient = strength * rng.uniform(0.2, 0.5) * np.array([np.sin(angle), np.cos(angle)])
-        blur = strength * rng.uniform(0.0, 1.2)
+        blur = strength * rng.uniform(0.3, 0.9)
         return Acquisition(gain, offset, gradient, float(blur))
 
 

@@ -37,10 +37,11 @@ def select_modules(pairs: pd.DataFrame, num_modules: int, size: int, rng: np.ran
     best connected among the remaining candidates. Genes adjacent to an
     accepted module are blocked so modules stay mutually unannotated.
     """
-    genes = np.unique(np.concatenate([pairs["gene_a"].to_numpy(dtype=str), pairs["gene_b"].to_numpy(dtype=str)]))
-    a, b = genes.searchsorted(pairs["gene_a"].to_numpy(dtype=str)), genes.searchsorted(pairs["gene_b"].to_numpy(dtype=str))
+    first, second = pairs["gene_a"].to_numpy(dtype=str), pairs["gene_b"].to_numpy(dtype=str)
+    genes = np.unique(np.concatenate([first, second]))
+    a, b = genes.searchsorted(first), genes.searchsorted(second)
     adjacency = sparse.coo_matrix((np.ones(2 * len(a), dtype=np.int32), (np.r_[a, b], np.r_[b, a])),
-                                  shape=(len(genes), len(genes))).tocsr()  # fmt: skip
+                                  shape=(len(genes), len(genes))).tocsr()
     adjacency.sum_duplicates()
     neighbours = lambda i: adjacency.indices[adjacency.indptr[i] : adjacency.indptr[i + 1]]  # noqa: E731
     degree = np.diff(adjacency.indptr)
@@ -135,8 +136,7 @@ class Biology:
         return {
             "modules": self.modules,
             "compounds": [dict(name=c.name, target=c.target, ec50_uM=round(c.ec50_um, 6), hill_slope=HILL_SLOPE)
-                          for c in self.compounds],  # fmt: skip
-            "effect_norm": EFFECT_NORM,
+                          for c in self.compounds],
         }
 
 

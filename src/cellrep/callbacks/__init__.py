@@ -1,0 +1,1 @@
+"""Lightning callbacks of cellrep (reconstruction images for MAE runs)."""

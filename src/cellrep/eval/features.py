@@ -1,0 +1,102 @@
+"""Pooled features of every block from ONE backbone pass (DESIGN §5 probing, §7 "Probing").
+
+Probing N blocks must cost one forward pass per image, not N: timm's
+``forward_intermediates`` returns every block's output (every stage for a
+CNN) from a single pass, and each is pooled right away so only a vector per
+block and image is kept. Pooling follows ViTally Consistent: for a
+transformer block the mean of the patch tokens concatenated with the class
+token; for a CNN stage the spatial mean.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from cellrep.errors import CellrepError
+
+
+def block_names(backbone: nn.Module) -> list[str]:
+    """Names of the probe-able blocks, in depth order (timm ``feature_info`` module names)."""
+    info = getattr(backbone, "feature_info", None)
+    if not hasattr(backbone, "forward_intermediates") or not info:
+        raise CellrepError(f"backbone {type(backbone).__name__} does not expose per-block features",
+                           fix="use a timm model with forward_intermediates (ViTs, ResNets, ConvNeXts, ...)")
+    return [str(entry["module"]) if isinstance(entry, dict) else str(i) for i, entry in enumerate(info)]
+
+
+def resolve_block(backbone: nn.Module, block: int | str) -> int:
+    """A block given as an index (negative counts from the end) or a name → its index."""
+    names = block_names(backbone)
+    if isinstance(block, str) and block in names:
+        return names.index(block)
+    try:
+        k = int(block)
+    except (TypeError, ValueError):
+        raise CellrepError(f"unknown block {block!r}", fix=f"use an index 0..{len(names) - 1}, 'best', or one of "
+                           f"{names}") from None
+    if not -len(names) <= k < len(names):
+        raise CellrepError(f"block {k} is out of range: the backbone has {len(names)} blocks",
+                           fix=f"use 0..{len(names) - 1} (or -1 for the last)")
+    return k % len(names)
+
+
+def _has_tokens(backbone: nn.Module) -> bool:
+    return "return_prefix_tokens" in inspect.signature(backbone.forward_intermediates).parameters
+
+
+def pooled_block_features(backbone: nn.Module, images: torch.Tensor, indices: list[int] | None = None
+                          ) -> list[torch.Tensor]:
+    """One forward pass → per requested block a (B, D_b) pooled feature (see module docstring)."""
+    stop = indices is not None
+    if _has_tokens(backbone):
+        outs = backbone.forward_intermediates(images, indices=indices, return_prefix_tokens=True, norm=False,
+                                              output_fmt="NLC", intermediates_only=True, stop_early=stop)
+        has_cls = getattr(backbone, "cls_token", None) is not None
+        pooled = []
+        for tokens, prefix in outs:
+            parts = [tokens.mean(dim=1)]
+            if has_cls and prefix is not None and prefix.shape[1] > 0:
+                parts.append(prefix[:, 0])
+            pooled.append(torch.cat(parts, dim=1))
+        return pooled
+    outs = backbone.forward_intermediates(images, indices=indices, intermediates_only=True, stop_early=stop)
+    return [o.float().mean(dim=(2, 3)) if o.ndim == 4 else o.float().flatten(1) for o in outs]
+
+
+@dataclass
+class BlockFeatures:
+    """Per-site features: ``rows`` are rows of the DataModule index; ``features[name]`` is (N, D)."""
+
+    rows: np.ndarray
+    features: dict[str, np.ndarray]
+
+
+@torch.inference_mode()
+def extract_block_features(backbone: nn.Module, loader, blocks: list[int] | None = None,
+                           device: str | torch.device = "cpu", progress: bool = True) -> BlockFeatures:
+    """Run ``backbone`` once over ``loader`` (batches of ``{"image", "index"}``), pooling each block.
+
+    ``blocks=None`` records every block; otherwise only those indices (and the
+    pass stops after the deepest one). Rows come back sorted.
+    """
+    names = block_names(backbone)
+    wanted = list(range(len(names))) if blocks is None else sorted({int(b) for b in blocks})
+    backbone = backbone.eval().to(device)
+    rows, chunks = [], [[] for _ in wanted]
+    for batch in tqdm(loader, desc=f"features ({len(wanted)} blocks, one pass)", disable=not progress,
+                      total=len(loader) if hasattr(loader, "__len__") else None):
+        feats = pooled_block_features(backbone, batch["image"].to(device), None if blocks is None else wanted)
+        for store, f in zip(chunks, feats):
+            store.append(f.float().cpu().numpy())
+        rows.append(np.asarray(batch["index"]))
+    if not rows:
+        raise CellrepError("the data loader yielded no images to embed", fix="check the split and the shards")
+    rows = np.concatenate(rows)
+    order = np.argsort(rows, kind="stable")
+    return BlockFeatures(rows[order], {names[k]: np.concatenate(c)[order] for k, c in zip(wanted, chunks)})

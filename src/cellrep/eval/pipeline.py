@@ -1,0 +1,103 @@
+"""Checkpoint → per-block features → probes and/or well embeddings, in one backbone pass.
+
+Shared by ``cellrep-probe`` and ``cellrep-eval``: with ``block=best`` the
+evaluation probes every block and embeds with the winner from the same
+features, so choosing the block costs no second pass over the images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from cellrep.errors import CellrepError
+from cellrep.eval.checkpoint import build_eval_datamodule, data_root, eval_data_config, load_backbone
+from cellrep.eval.embeddings import Embeddings, aggregate_wells
+from cellrep.eval.features import BlockFeatures, block_names, extract_block_features, resolve_block
+from cellrep.eval.probe import ProbeResult, ProbeSettings, train_probes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    backbone: torch.nn.Module
+    datamodule: object
+    device: torch.device
+    model: dict
+    data_source: str  # where data/split came from
+    dataset_root: Path | None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Load the backbone and the training run's data (split included) for evaluation."""
+    backbone, meta = load_backbone(cfg.ckpt_path)
+    data, split, seed, source = eval_data_config(cfg)
+    dm = build_eval_datamodule(data, split, seed, cfg.loader.batch_size, cfg.loader.num_workers)
+    if dm.in_chans != meta["in_chans"]:
+        raise CellrepError(f"the checkpoint takes {meta['in_chans']} channels but the data has {dm.in_chans}",
+                           fix="evaluate on the data the model was trained on (use_run_config=true)")
+    log.info("evaluating %s on %d sites (data/split from %s)", meta["model"]["name"], len(dm.index), source)
+    return Prepared(backbone, dm, pick_device(cfg.device), meta["model"], source, data_root(data))
+
+
+def site_frame(dm, rows) -> pd.DataFrame:
+    """Metadata of the given index rows (with their train/val/test split)."""
+    return dm.index.iloc[rows].reset_index(drop=True)
+
+
+def probe_settings(cfg: DictConfig) -> ProbeSettings:
+    p = cfg.probe
+    return ProbeSettings(lrs=tuple(float(x) for x in p.lrs), epochs=int(p.epochs), batch_size=int(p.batch_size),
+                         weight_decay=float(p.weight_decay), seed=int(cfg.seed))
+
+
+def probe_all_blocks(prep: Prepared, settings: ProbeSettings, progress: bool = True
+                     ) -> tuple[BlockFeatures, pd.DataFrame, ProbeResult]:
+    """DESIGN §5: one backbone pass over every site records each block; probes train on cached features."""
+    feats = extract_block_features(prep.backbone, prep.datamodule.eval_dataloader("all"), None, prep.device, progress)
+    sites = site_frame(prep.datamodule, feats.rows)
+    result = train_probes(feats.features, sites["label"].to_numpy(), sites["split"].to_numpy(),
+                          prep.datamodule.num_classes, settings, progress=progress)
+    return feats, sites, result
+
+
+def best_block_from_file(path: str | Path) -> str:
+    path = Path(path).expanduser()
+    try:
+        return str(json.loads(path.read_text())["best_block"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise CellrepError(f"cannot read the best block from {path}: {exc}",
+                           fix="pass probe_results=<run>/probe.json written by cellrep-probe") from None
+
+
+def embed_checkpoint(cfg: DictConfig, prep: Prepared, progress: bool = True
+                     ) -> tuple[Embeddings, str, ProbeResult | None]:
+    """Well embeddings from the block chosen by ``cfg.block`` (index, name, last, best)."""
+    names = block_names(prep.backbone)
+    block, result = str(cfg.block), None
+    if block == "best" and cfg.get("probe_results"):
+        block = best_block_from_file(cfg.probe_results)
+    if block == "best":
+        feats, sites, result = probe_all_blocks(prep, probe_settings(cfg), progress)
+        name = result.best_block
+        log.info("best block on validation: %s", name)
+    else:
+        k = resolve_block(prep.backbone, -1 if block == "last" else block)
+        name = names[k]
+        feats = extract_block_features(prep.backbone, prep.datamodule.eval_dataloader("all"), [k], prep.device,
+                                       progress)
+        sites = site_frame(prep.datamodule, feats.rows)
+    return aggregate_wells(feats.features[name], sites), name, result

@@ -1,0 +1,90 @@
+"""Batch correction (DESIGN §5) checked against a direct transcription of the definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.linalg import fractional_matrix_power
+
+from cellrep.errors import CellrepError
+from cellrep.eval.batch_correction import correct, pca_centerscale, tvn
+from cellrep.eval.embeddings import Embeddings
+
+
+def screen(n_batches=3, controls=12, treated=10, dim=5, seed=0):
+    rng = np.random.default_rng(seed)
+    rows, feats = [], []
+    for b in range(n_batches):
+        shift, gain = rng.normal(0, 3, dim), rng.uniform(0.5, 2, dim)
+        for i in range(controls + treated):
+            ctrl = i < controls
+            rows.append({"experiment": f"E{b}", "perturbation": "EMPTY_control" if ctrl else f"g{i % 4}",
+                         "well_type": "negative_control" if ctrl else "treatment"})
+            feats.append(gain * rng.standard_normal(dim) + shift)
+    return Embeddings(pd.DataFrame(rows), np.array(feats))
+
+
+def reference_tvn(x, batch, ctrl):
+    def cs(z):
+        return (z - z[ctrl].mean(0)) / z[ctrl].std(0)
+
+    z = cs(x)
+    c = z[ctrl] - z[ctrl].mean(0)
+    _, _, vt = np.linalg.svd(c, full_matrices=False)
+    z = cs((z - z[ctrl].mean(0)) @ vt.T)
+    out = z.copy()
+    for b in np.unique(batch):
+        rows = batch == b
+        cov = np.cov(z[rows & ctrl], rowvar=False, ddof=1) + 0.5 * np.eye(z.shape[1])
+        out[rows] = z[rows] @ np.real(fractional_matrix_power(cov, -0.5))
+    return out
+
+
+def test_tvn_matches_the_definition():
+    emb = screen()
+    x = emb.features.astype(np.float64)
+    ours = tvn(x, emb.batch, emb.is_control)
+    ref = reference_tvn(x, emb.batch, emb.is_control)
+    # PCA axes are defined up to sign: compare up to a per-column sign
+    signs = np.sign((ours * ref).sum(0))
+    np.testing.assert_allclose(ours * signs, ref, atol=1e-8)
+
+
+def test_pca_centerscale_standardizes_each_batch_by_its_own_controls():
+    emb = screen()
+    z = pca_centerscale(emb.features.astype(np.float64), emb.batch, emb.is_control)
+    for b in np.unique(emb.batch):
+        ctrl = z[(emb.batch == b) & emb.is_control]
+        np.testing.assert_allclose(ctrl.mean(0), 0, atol=1e-9)
+        np.testing.assert_allclose(ctrl.std(0), 1, atol=1e-9)
+
+
+def test_tvn_coral_step_whitens_each_batch_controls():
+    # after (Cov_b + 0.5 I)^(-1/2), batch b's control covariance has eigenvalues λ/(λ + 0.5) < 1
+    emb = screen()
+    out = correct(emb, "tvn").features.astype(np.float64)
+    for b in np.unique(emb.batch):
+        cov = np.cov(out[(emb.batch == b) & emb.is_control], rowvar=False, ddof=1)
+        assert np.linalg.eigvalsh(cov).max() < 1.0
+
+
+def test_fewer_controls_than_features_keeps_only_components_with_variance():
+    emb = screen(controls=3, dim=20)  # 9 control wells span 8 dimensions
+    out = correct(emb, "tvn")
+    assert out.features.shape[1] <= 9 and np.isfinite(out.features).all()
+
+
+def test_none_is_identity_and_unknown_method_is_an_error():
+    emb = screen()
+    assert correct(emb, "none") is emb
+    with pytest.raises(CellrepError, match="unknown batch correction"):
+        correct(emb, "combat")
+
+
+def test_batch_without_two_controls_is_named():
+    emb = screen()
+    meta = emb.meta.copy()
+    meta.loc[(meta["experiment"] == "E1") & (meta["well_type"] == "negative_control"), "well_type"] = "treatment"
+    with pytest.raises(CellrepError, match="(?s)negative-control.*'E1' has 0"):
+        correct(Embeddings(meta, emb.features), "tvn")

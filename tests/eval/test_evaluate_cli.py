@@ -1,0 +1,86 @@
+"""cellrep-eval end to end on the session's tiny model, then on its own embeddings parquet.
+
+The science checks of DESIGN §4/§5 on the synthetic screen: a trained model's
+batch-corrected embeddings recall annotated gene pairs above chance and above
+the raw embeddings, and zero-shot DTI ranks known targets above random.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from cellrep.evaluate import evaluate
+
+QUIET = ("progress=false", "loader.num_workers=0")
+
+
+@pytest.fixture(scope="module")
+def evaluated(checkpoint, compose_cfg, tmp_path_factory, shared_data_dir):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = compose_cfg("eval", [*QUIET, f"ckpt_path={checkpoint}", "block=best"], root, shared_data_dir)
+    return evaluate(cfg), root / "run"
+
+
+def test_outputs_of_an_evaluation(evaluated):
+    metrics, run = evaluated
+    wells = pd.read_parquet(run / "embeddings.parquet")
+    features = [c for c in wells.columns if c.startswith("feature_")]
+    assert len(wells) == metrics["wells"] and len(features) == metrics["features"]
+    assert {"experiment", "plate", "well", "perturbation", "perturbation_type", "concentration", "well_type",
+            "cell_type", "split", "n_sites"} <= set(wells.columns)
+    assert wells.groupby(["experiment", "plate", "well"]).size().max() == 1  # one row per well
+    assert (run / "embeddings_tvn.parquet").exists() and (run / "embeddings_pca_centerscale.parquet").exists()
+    saved = json.loads((run / "metrics.json").read_text())
+    assert set(saved["benchmarks"]) == {"none", "pca_centerscale", "tvn"}
+    assert set(saved["benchmarks"]["tvn"]) == {"recall", "consistency", "dti", "classification"}
+    assert saved["skipped"] == {} and saved["block"] == saved["probe"]["best_block"]
+    report = (run / "report.md").read_text()
+    for plot in ("probe.png", "recall.png", "dti.png"):
+        assert f"]({plot})" in report and (run / plot).stat().st_size > 0
+    assert "probe/best_block_index" not in pd.read_csv(run / "csv" / "metrics.csv").columns  # eval logs eval/*
+    assert any(c.startswith("eval/tvn/recall/StringDB") for c in pd.read_csv(run / "csv" / "metrics.csv").columns)
+
+
+def test_recall_after_tvn_is_above_random_and_above_raw(evaluated):
+    metrics, _ = evaluated
+    raw, tvn = (metrics["benchmarks"][m]["recall"]["StringDB"] for m in ("none", "tvn"))
+    print("recall StringDB raw", raw, "tvn", tvn)
+    assert tvn["n_pairs"] == raw["n_pairs"] >= 40  # the planted modules' pairs
+    assert tvn["0.05/0.95"] > 0.10 + 0.05 and tvn["0.1/0.9"] > 0.20 + 0.08  # random: 0.10 / 0.20
+    assert tvn["0.05/0.95"] + tvn["0.1/0.9"] > raw["0.05/0.95"] + raw["0.1/0.9"]
+
+
+def test_dti_average_precision_above_random_baseline(evaluated):
+    metrics, _ = evaluated
+    dti = metrics["benchmarks"]["tvn"]["dti"]
+    print("dti tvn max:", dti["max"]["ap"]["median"], "random:", dti["max"]["random_ap"]["median"])
+    assert dti["n_compounds"] >= 1
+    assert dti["max"]["ap"]["median"]["mean"] > dti["max"]["random_ap"]["median"]["mean"] + 0.1
+    assert dti["max"]["auc"]["median"]["mean"] > 0.6
+
+
+def test_consistency_and_classification_on_corrected_embeddings(evaluated):
+    metrics, _ = evaluated
+    tvn = metrics["benchmarks"]["tvn"]
+    assert tvn["consistency"]["frac_p_lt_0.05"] > 0.5 and tvn["consistency"]["null"]["negative_control"] > 0
+    cls = tvn["classification"]
+    assert cls["top1"] > 3 * cls["chance"] and {"top1/HUVEC", "top1/RPE"} <= set(cls)
+    assert cls["plate_groups"] == 1  # every synthetic plate holds every gene: nothing to assign
+
+
+def test_external_embeddings_without_a_checkpoint(evaluated, eval_cfg, tmp_path):
+    metrics, run = evaluated
+    folder = tmp_path / "published"
+    folder.mkdir()
+    shutil.copy(run / "embeddings.parquet", folder / "wells.parquet")
+    shutil.copy(metrics["dti_targets"], folder / "compound_targets.csv")  # found next to the parquet
+    again = evaluate(eval_cfg("eval", f"embeddings={folder / 'wells.parquet'}", "benchmarks=[recall,dti]",
+                              "corrections=[none,tvn]"))
+    for method in ("none", "tvn"):
+        assert again["benchmarks"][method]["recall"] == metrics["benchmarks"][method]["recall"]
+        assert again["benchmarks"][method]["dti"]["max"] == metrics["benchmarks"][method]["dti"]["max"]
+    assert "probe" not in again and (tmp_path / "run" / "report.md").exists()
