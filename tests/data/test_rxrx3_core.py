@@ -124,6 +124,7 @@ def test_shards_hold_exactly_the_written_pixels_and_metadata(tmp_path, struct):
     manifest = write_shards(source, tmp_path / "shards", samples_per_shard=2, progress=False)
     assert manifest["num_samples"] == len(WELLS) and manifest["bad_input"]["count"] == 0
     assert manifest["channel_names"] == list(source.channel_names) and manifest["image_shape"] == [6, *SIZE]
+    assert manifest["source"]["parquet_files"] == [f"train-{i:05d}-of-00003.parquet" for i in range(3)]
     index = read_index(tmp_path / "shards")
     for row in index.itertuples():
         with tarfile.open(tmp_path / "shards" / row.shard) as tar:

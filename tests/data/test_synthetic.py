@@ -266,3 +266,17 @@ def test_sparse_annotation_cannot_plant_modules(tmp_path):
     with pytest.raises(CellrepError, match="cliques"):
         generate_screen(spec, tmp_path / "screen", progress=False)
     assert not (tmp_path / "screen").exists()
+
+
+def test_extreme_phenotypes_still_render_valid_images():
+    """Strong effects saturate instead of breaking the drawing (no negative radii, empty ranges)."""
+    from cellrep.data.synthetic_cells import Acquisition, num_parameters, render_site
+
+    rng = np.random.default_rng(0)
+    size = num_parameters(4)
+    for value in (-30.0, -6.0, 6.0, 30.0):
+        for i in range(size):
+            z = np.zeros(size)
+            z[i] = value
+            image = render_site(z, 4, 24, Acquisition.random(4, 3.0, rng), rng)
+            assert image.shape == (4, 24, 24) and image.dtype == np.uint8

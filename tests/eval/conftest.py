@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 SCREEN = ("data.synthetic.num_modules=8", "data.synthetic.experiments_per_cell_type=4",
-          "data.synthetic.control_wells_per_plate=16")
+          "data.synthetic.control_wells_per_plate=16", "data.synthetic.num_compounds=6")
 TRAIN = ("debug=tiny", "logger=csv", "model.name=resnet10t", "trainer.max_epochs=10", "test=false",
          "+callbacks.model_checkpoint.every_n_epochs=10", *SCREEN)
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from cellrep.eval import correct, read_embeddings, recall_benchmark
 from cellrep.evaluate import evaluate
 
 QUIET = ("progress=false", "loader.num_workers=0")
@@ -20,8 +22,9 @@ QUIET = ("progress=false", "loader.num_workers=0")
 
 @pytest.fixture(scope="module")
 def evaluated(checkpoint, compose_cfg, tmp_path_factory, shared_data_dir):
+    """The model's final stage (block=last): the science checks should not hinge on a noisy block choice."""
     root = tmp_path_factory.mktemp("eval")
-    cfg = compose_cfg("eval", [*QUIET, f"ckpt_path={checkpoint}", "block=best"], root, shared_data_dir)
+    cfg = compose_cfg("eval", [*QUIET, f"ckpt_path={checkpoint}", "block=last"], root, shared_data_dir)
     return evaluate(cfg), root / "run"
 
 
@@ -35,16 +38,28 @@ def test_outputs_of_an_evaluation(evaluated):
     assert wells.groupby(["experiment", "plate", "well"]).size().max() == 1  # one row per well
     assert (run / "embeddings_tvn.parquet").exists() and (run / "embeddings_pca_centerscale.parquet").exists()
     saved = json.loads((run / "metrics.json").read_text())
+    assert saved["block"] == "layer4" and "probe" not in saved
     assert set(saved["benchmarks"]) == {"none", "pca_centerscale", "tvn"}
     assert set(saved["benchmarks"]["tvn"]) == {"recall", "consistency", "dti", "classification"}
-    assert saved["skipped"] == {} and saved["block"] == saved["probe"]["best_block"]
+    assert saved["skipped"] == {}
     report = (run / "report.md").read_text()
-    for plot in ("probe.png", "recall.png", "dti.png"):
+    for plot in ("recall.png", "dti.png"):
         assert f"]({plot})" in report and (run / plot).stat().st_size > 0
-    assert "probe/best_block_index" not in pd.read_csv(run / "csv" / "metrics.csv").columns  # eval logs eval/*
     assert any(c.startswith("eval/tvn/recall/StringDB") for c in pd.read_csv(run / "csv" / "metrics.csv").columns)
 
 
+def test_block_best_probes_and_embeds_from_the_same_pass(eval_cfg, checkpoint, tmp_path):
+    metrics = evaluate(eval_cfg("eval", f"ckpt_path={checkpoint}", "block=best", "benchmarks=[]",
+                                "corrections=[none]", "probe.epochs=10"))
+    assert metrics["block"] == metrics["probe"]["best_block"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "](probe.png)" in report and f"Best block (validation): **{metrics['block']}**" in report
+    assert (tmp_path / "run" / "probe.csv").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="synthetic screen puts every gene in every experiment, so batch effects "
+                   "average out of gene means and raw ≈ TVN (see the unbalanced test below); strict: remove this "
+                   "marker once the generator spreads genes over experiments")
 def test_recall_after_tvn_is_above_random_and_above_raw(evaluated):
     metrics, _ = evaluated
     raw, tvn = (metrics["benchmarks"][m]["recall"]["StringDB"] for m in ("none", "tvn"))
@@ -52,6 +67,34 @@ def test_recall_after_tvn_is_above_random_and_above_raw(evaluated):
     assert tvn["n_pairs"] == raw["n_pairs"] >= 40  # the planted modules' pairs
     assert tvn["0.05/0.95"] > 0.10 + 0.05 and tvn["0.1/0.9"] > 0.20 + 0.08  # random: 0.10 / 0.20
     assert tvn["0.05/0.95"] + tvn["0.1/0.9"] > raw["0.05/0.95"] + raw["0.1/0.9"]
+
+
+def test_recall_above_random(evaluated):
+    metrics, _ = evaluated
+    for method in ("none", "tvn"):
+        r = metrics["benchmarks"][method]["recall"]["StringDB"]
+        assert r["0.05/0.95"] > 0.10 + 0.05 and r["0.1/0.9"] > 0.20 + 0.08, (method, r)  # random: 0.10 / 0.20
+
+
+def test_tvn_recovers_recall_when_genes_are_compared_across_batches(evaluated):
+    """Keep each gene's wells of ONE random experiment (as in a genome-wide screen, where a gene sits on
+    few plates): gene–gene cosines now cross batches, raw embeddings mix batch with biology, TVN should not."""
+    _, run = evaluated
+    emb = read_embeddings(run / "embeddings.parquet")
+    experiments = np.array(sorted(emb.meta["experiment"].unique()))
+    genetic = emb.genetic_mask()
+    genes = emb.meta["perturbation"].to_numpy()
+    totals = {"none": [], "tvn": []}
+    for seed in range(10):
+        pick = dict(zip(np.unique(genes[genetic]), np.random.default_rng(seed).choice(experiments, genetic.sum())))
+        keep = ~genetic | (emb.meta["experiment"].to_numpy() == np.array([pick.get(g) for g in genes]))
+        sub = emb.subset(keep)
+        for method in totals:
+            r = recall_benchmark(correct(sub, method), ["StringDB"])["StringDB"]
+            totals[method].append(r["0.05/0.95"] + r["0.1/0.9"])
+    raw, tvn = np.mean(totals["none"]), np.mean(totals["tvn"])
+    print(f"one experiment per gene: recall 5/95 + 10/90 raw {raw:.3f}, tvn {tvn:.3f} (random 0.30)")
+    assert tvn > raw + 0.08
 
 
 def test_dti_average_precision_above_random_baseline(evaluated):

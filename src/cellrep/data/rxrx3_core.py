@@ -211,6 +211,11 @@ class RxRx3CoreSource:
         locs = loc.loc[idx].to_numpy(np.int64).reshape(len(keep), n_ch, 3)
         return validate_metadata(keep, str(self.root)), locs
 
+    def describe(self) -> dict:
+        """What was read, for the shards' manifest."""
+        return {"reader": READER_VERSION, "parquet_files": [p.name for p in self.files],
+                "channels": "key suffix _<c> = channel_names[c - 1]"}
+
     # ------------------------------------------------------------- reading
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()  # open files and cached row groups stay in this process

@@ -8,8 +8,8 @@ plant known answers (modules share a direction, compounds copy their target).
 The microscope (:class:`Acquisition`) then adds what an experiment changes
 without changing biology: per-channel gain/offset, uneven illumination, focus.
 
-Everything is vectorized NumPy over ``cells × H × W``; the only loop is over
-channels.
+Everything is vectorized NumPy over ``cells × patch × patch``; the only loop is
+over channels.
 """
 
 from __future__ import annotations
@@ -75,18 +75,26 @@ class Acquisition:
 
 
 def _physical(z: np.ndarray) -> dict[str, float]:
-    """Map standardized morphology ``z`` onto drawing parameters (pixels, counts)."""
+    """Map standardized morphology ``z`` onto drawing parameters (pixels, counts).
+
+    Each parameter is log-linear in its ``z`` and clipped to a range where the
+    drawing stays valid, so any perturbation strength renders (it saturates).
+    """
     g = dict(zip(GLOBAL_PARAMS, z[: len(GLOBAL_PARAMS)]))
+
+    def bounded(base: float, slope: float, name: str, lo: float, hi: float) -> float:
+        return float(np.clip(base * np.exp(slope * g[name]), lo, hi))
+
     return {
-        "nucleus_radius": 3.6 * np.exp(0.2 * g["nucleus_size"]),
-        "cells_per_4096px": 8.0 * np.exp(0.3 * g["cell_density"]),
-        "cytoplasm_ratio": 2.1 * np.exp(0.15 * g["cytoplasm_ratio"]),
-        "elongation": float(np.clip(1.35 * np.exp(0.25 * g["elongation"]), 1.0, 4.0)),
-        "texture_sigma": 1.2 * np.exp(0.3 * g["texture_scale"]),
-        "organelle_spots": 7.0 * np.exp(0.35 * g["organelle_spots"]),
-        "nucleoli_spots": 2.5 * np.exp(0.35 * g["nucleoli_spots"]),
-        "membrane_width": 1.1 * np.exp(0.25 * g["membrane_width"]),
-        "clustering": float(1.0 / (1.0 + np.exp(-(g["clustering"] - 1.0)))),
+        "nucleus_radius": bounded(3.6, 0.2, "nucleus_size", 1.5, 9.0),
+        "cells_per_4096px": bounded(8.0, 0.3, "cell_density", 1.0, 40.0),
+        "cytoplasm_ratio": bounded(2.1, 0.15, "cytoplasm_ratio", 1.4, 4.0),
+        "elongation": bounded(1.35, 0.25, "elongation", 1.0, 4.0),
+        "texture_sigma": bounded(1.2, 0.3, "texture_scale", 0.5, 5.0),
+        "organelle_spots": bounded(7.0, 0.35, "organelle_spots", 0.5, 40.0),
+        "nucleoli_spots": bounded(2.5, 0.35, "nucleoli_spots", 0.2, 12.0),
+        "membrane_width": bounded(1.1, 0.25, "membrane_width", 0.4, 4.0),
+        "clustering": float(1.0 / (1.0 + np.exp(-np.clip(g["clustering"] - 1.0, -30, 30)))),
     }
 
 
@@ -128,8 +136,13 @@ def render_cells(z: np.ndarray, num_channels: int, size: int, rng: np.random.Gen
     aspect = p["elongation"] * np.exp(0.1 * rng.standard_normal(n))
     angle = rng.uniform(0, np.pi, n)
 
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]
+    # Each cell is drawn on its own square patch around its centre (memory O(cells·patch²),
+    # not O(cells·H·W)), then patches are merged into the image by maximum.
+    half = int(np.ceil(radius.max() * p["cytoplasm_ratio"] * np.sqrt(aspect.max()))) + 3
+    offsets = np.arange(-half, half + 1)
+    px = np.floor(cx).astype(np.int64)[:, None, None] + offsets[None, None, :]
+    py = np.floor(cy).astype(np.int64)[:, None, None] + offsets[None, :, None]
+    dx, dy = px - cx[:, None, None], py - cy[:, None, None]
     c, s = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
     along, across = dx * c + dy * s, -dx * s + dy * c
     r = radius[:, None, None]
@@ -137,11 +150,18 @@ def render_cells(z: np.ndarray, num_channels: int, size: int, rng: np.random.Gen
     stretch, nuc_stretch = np.sqrt(aspect)[:, None, None], (aspect**0.25)[:, None, None]
     u_cell = np.sqrt((along / stretch) ** 2 + (across * stretch) ** 2) / cell_r
     u_nuc = np.sqrt((along / nuc_stretch) ** 2 + (across * nuc_stretch) ** 2) / r
+    inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+    flat = (py * w + px)[inside]
 
-    nucleus = _soft_step((1.0 - u_nuc) * r / 0.8).max(axis=0)
-    cytoplasm = _soft_step((1.0 - u_cell) * cell_r / 1.2).max(axis=0)
-    membrane = np.exp(-(((1.0 - u_cell) * cell_r / p["membrane_width"]) ** 2)).max(axis=0)
-    perinuclear = np.exp(-(((u_nuc - 1.4) * r / 1.5) ** 2)).max(axis=0) * cytoplasm
+    def merge(patches: np.ndarray) -> np.ndarray:
+        image = np.zeros(h * w, dtype=np.float32)
+        np.maximum.at(image, flat, patches[inside].astype(np.float32))
+        return image.reshape(h, w)
+
+    nucleus = merge(_soft_step((1.0 - u_nuc) * r / 0.8))
+    cytoplasm = merge(_soft_step((1.0 - u_cell) * cell_r / 1.2))
+    membrane = merge(np.exp(-(((1.0 - u_cell) * cell_r / p["membrane_width"]) ** 2)))
+    perinuclear = merge(np.exp(-(((u_nuc - 1.4) * r / 1.5) ** 2))) * cytoplasm
 
     ax_cell = (radius * p["cytoplasm_ratio"] * np.sqrt(aspect), radius * p["cytoplasm_ratio"] / np.sqrt(aspect))
     organelles = _cell_spots(
@@ -160,8 +180,8 @@ def render_cells(z: np.ndarray, num_channels: int, size: int, rng: np.random.Gen
         "golgi": 0.6 * perinuclear + 0.4 * membrane + 0.1 * cyto_only,
     }
     k = len(GLOBAL_PARAMS)
-    intensity = 0.42 * np.exp(0.3 * z[k : k + num_channels])
-    texture = 0.35 * np.exp(0.35 * z[k + num_channels : k + 2 * num_channels])
+    intensity = np.clip(0.42 * np.exp(0.3 * z[k : k + num_channels]), 0.02, 3.0)
+    texture = np.clip(0.35 * np.exp(0.35 * z[k + num_channels : k + 2 * num_channels]), 0.0, 2.0)
     out = np.empty((num_channels, h, w), dtype=np.float32)
     for ch, role in enumerate(channel_roles(num_channels)):
         noise = gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), p["texture_sigma"])
