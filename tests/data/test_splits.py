@@ -86,7 +86,7 @@ def test_empty_train_or_test_is_an_error(make_source, index):
     one_each = make_source(experiments_per_type=1).metadata
     with pytest.raises(CellrepError, match="(?s)no test sites.*HUVEC=1.*split=random"):
         assign_splits(one_each, "batch")
-    with pytest.raises(CellrepError, match="(?s)no test sites.*holdout"):
+    with pytest.raises(CellrepError, match="(?s)holdout=U2OS is not a cell type.*HUVEC"):
         assign_splits(index, "cell_type", holdout="U2OS")
     only_rpe = index[index["cell_type"] == "RPE"]
     with pytest.raises(CellrepError, match="no train sites"):

@@ -75,6 +75,9 @@ def _cell_type(df, rng, *, holdout, shots, **_):
     if not holdout:
         raise CellrepError("split 'cell_type' needs a held-out cell type", fix="add split.holdout=<cell type>")
     held = (df["cell_type"].astype(str) == str(holdout)).to_numpy()
+    if not held.any():
+        raise CellrepError(f"split.holdout={holdout} is not a cell type of this dataset",
+                           fix=f"use one of {sorted(df['cell_type'].astype(str).unique())}")
     test = held.copy()
     if shots < 0:
         raise CellrepError(f"split.shots={shots}", fix="use shots >= 0")
