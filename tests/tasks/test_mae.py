@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from cellrep.callbacks.reconstructions import ReconstructionImages, reconstruction_grid
@@ -114,14 +114,19 @@ def test_reconstructions_for_any_channel_count(model, in_chans):
     assert grid[:, :32].mean() < grid[:, 64:].mean()  # masked input is mostly black
 
 
-def test_reconstructions_go_to_tensorboard_when_it_is_active(tmp_path):
-    logger = TensorBoardLogger(save_dir=tmp_path, name="tb", version="")
+@pytest.mark.parametrize("kind", ["tensorboard", "wandb"])
+def test_reconstructions_go_to_loggers_that_take_images(tmp_path, kind):
     calls = []
-    logger.experiment.add_image = lambda tag, img, step, dataformats: calls.append((tag, img.shape, step, dataformats))
+    if kind == "tensorboard":
+        logger = TensorBoardLogger(save_dir=tmp_path, name="tb", version="")
+        logger.experiment.add_image = lambda tag, img, step, dataformats: calls.append((tag, img.shape, step))
+    else:
+        logger = WandbLogger(save_dir=tmp_path, offline=True)  # the run starts only if .experiment is touched
+        logger.log_image = lambda key, images, step, caption: calls.append((key, images[0].shape, step))
     callback = ReconstructionImages(every_n_steps=5)
     trainer = SimpleNamespace(loggers=[logger], default_root_dir=str(tmp_path))
     callback._publish(trainer, np.zeros((64, 96, 3), np.uint8), 5)
-    assert calls == [("reconstructions", (64, 96, 3), 5, "HWC")]
+    assert calls == [("reconstructions", (64, 96, 3), 5)]
     assert callback.written == []  # no PNG when a logger took the image
 
 

@@ -28,6 +28,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
+from cellrep.errors import CellrepError
 from cellrep.models.vit import fix_pos_embed_to_sincos, patch_size_of, sincos_pos_embed
 
 
@@ -116,6 +117,9 @@ class MaskedAutoencoder(nn.Module):
         """``B×C×H×W`` → ``B×L×K`` pixels in the encoder's token order."""
         B, C, H, W = images.shape
         p = self.patch_size
+        if H % p or W % p:
+            raise CellrepError(f"MAE input {H}×{W} is not divisible by the patch size {p}",
+                               fix="use a data.crop_size that is a multiple of the patch size")
         x = images.reshape(B, C, H // p, p, W // p, p)
         if self.channel_agnostic:  # token (c, i, j) holds channel c of patch (i, j)
             return x.permute(0, 1, 2, 4, 3, 5).reshape(B, C * (H // p) * (W // p), p * p)

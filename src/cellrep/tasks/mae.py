@@ -111,7 +111,8 @@ class MAETask(L.LightningModule):
 
     def configure_callbacks(self):
         n = self.hparams.reconstructions_every_n_steps
-        return [ReconstructionImages(every_n_steps=n)] if n and n > 0 else []
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"  # images are drawn while training
+        return [ReconstructionImages(every_n_steps=n)] if fitting and n and n > 0 else []
 
     # Same LR scaling (base_lr × global batch / 256, printed), warmup + cosine and weight-decay groups as the
     # supervised task: one implementation, reading self.hparams.optimizer / .scheduler.
