@@ -98,7 +98,7 @@ def test_misaligned_metadata_table(make_cfg, tmp_path):
     frame[["well_id"] + [c for c in frame.columns if c.startswith("feature_")]].to_parquet(path)
     frame.drop(columns=[c for c in frame.columns if c.startswith("feature_")]).iloc[5:].to_csv(
         tmp_path / "meta.csv", index=False)
-    with pytest.raises(CellrepError, match="5 of 132 embedding rows have no metadata row"):
+    with pytest.raises(CellrepError, match="5 of 150 embedding rows have no metadata row"):
         evaluate(make_cfg(f"embeddings={path}", f"metadata={tmp_path / 'meta.csv'}", config_name="eval"))
 
 

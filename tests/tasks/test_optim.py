@@ -43,3 +43,15 @@ def test_optimizers_build(name):
 def test_unknown_optimizer_is_a_clear_error():
     with pytest.raises(CellrepError, match="unknown optimizer 'adamz'"):
         build_optimizer(nn.Linear(3, 2), "adamz", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+
+
+def test_tokens_and_position_embeddings_declared_by_timm_get_no_decay():
+    from cellrep.models.backbone import build_backbone
+
+    vit = build_backbone("vit_small_patch16_224", in_chans=3, num_classes=2, img_size=32)
+    wrapper = nn.Module()
+    wrapper.backbone = vit
+    decay, no_decay = param_groups(wrapper, 0.05)
+    exempt = {id(p) for p in no_decay["params"]}
+    assert id(vit.cls_token) in exempt and id(vit.pos_embed) in exempt
+    assert id(vit.patch_embed.proj.weight) not in exempt

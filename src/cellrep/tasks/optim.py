@@ -19,11 +19,23 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
+def _declared_no_decay(module: nn.Module) -> set[str]:
+    """Full names of parameters a submodule exempts via timm's ``no_weight_decay()``
+    (class/mask tokens, position and channel embeddings have ndim >= 2)."""
+    names: set[str] = set()
+    for prefix, sub in module.named_modules():
+        declared = getattr(sub, "no_weight_decay", None)
+        if callable(declared):
+            names |= {f"{prefix}.{n}" if prefix else n for n in declared()}
+    return names
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    exempt = _declared_no_decay(module)
     decay, no_decay = [], []
-    for param in module.parameters():
+    for name, param in module.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
+            (no_decay if param.ndim < 2 or name in exempt else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
