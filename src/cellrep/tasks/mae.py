@@ -17,7 +17,8 @@ from cellrep.callbacks.reconstructions import ReconstructionImages
 from cellrep.models.backbone import build_backbone
 from cellrep.models.mae import MaskedAutoencoder
 from cellrep.tasks.mae_loss import mae_loss
-from cellrep.tasks.supervised import NonFiniteLossError, SupervisedTask
+from cellrep.tasks.optim import configure_optimizers
+from cellrep.tasks.supervised import NonFiniteLossError
 
 
 class MAETask(L.LightningModule):
@@ -114,6 +115,5 @@ class MAETask(L.LightningModule):
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"  # images are drawn while training
         return [ReconstructionImages(every_n_steps=n)] if fitting and n and n > 0 else []
 
-    # Same LR scaling (base_lr × global batch / 256, printed), warmup + cosine and weight-decay groups as the
-    # supervised task: one implementation, reading self.hparams.optimizer / .scheduler.
-    configure_optimizers = SupervisedTask.configure_optimizers
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.hparams.optimizer, self.hparams.scheduler)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import torch
 import torch.nn as nn
+from lightning.pytorch.utilities import rank_zero_info
 
 from cellrep.errors import CellrepError
 
@@ -70,3 +72,30 @@ def warmup_cosine(total_steps: int, warmup_fraction: float, min_lr_ratio: float)
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return multiplier
+
+
+def configure_optimizers(task: L.LightningModule, opt_cfg: dict, sched_cfg: dict) -> dict:
+    """Every task's ``configure_optimizers``: scaled LR, decay groups, warmup + cosine per step.
+
+    Prints the derived quantities (global batch, effective LR, step count) at start.
+    """
+    trainer = task.trainer
+    per_device_batch = int(getattr(trainer.datamodule, "batch_size", 0) or 0)
+    if per_device_batch <= 0:
+        raise CellrepError("cannot scale the learning rate: the datamodule has no batch_size",
+                           fix="train through cellrep's CellDataModule (data.batch_size)")
+    global_batch = per_device_batch * trainer.world_size * trainer.accumulate_grad_batches
+    lr = scaled_lr(opt_cfg["base_lr"], global_batch)
+    total_steps = trainer.estimated_stepping_batches
+    if not math.isfinite(total_steps):
+        raise CellrepError("cannot tell how many optimizer steps the run has",
+                           fix="set trainer.max_steps or trainer.max_epochs")
+    rank_zero_info(
+        f"batch: {per_device_batch}/device × {trainer.world_size} devices × {trainer.accumulate_grad_batches} "
+        f"accumulation = {global_batch} global; lr = {opt_cfg['base_lr']:g} × {global_batch}/256 = {lr:.3g}; "
+        f"{int(total_steps)} optimizer steps"
+    )
+    optimizer = build_optimizer(task, opt_cfg["name"], lr, opt_cfg["weight_decay"], tuple(opt_cfg["betas"]))
+    schedule = warmup_cosine(int(total_steps), sched_cfg["warmup_fraction"], sched_cfg["min_lr_ratio"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

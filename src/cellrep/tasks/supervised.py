@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -10,11 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics
-from lightning.pytorch.utilities import rank_zero_info
 
 from cellrep.errors import CellrepError
 from cellrep.models.backbone import build_backbone
-from cellrep.tasks.optim import build_optimizer, scaled_lr, warmup_cosine
+from cellrep.tasks.optim import configure_optimizers
 
 
 class NonFiniteLossError(CellrepError):
@@ -101,21 +99,4 @@ class SupervisedTask(L.LightningModule):
                     self.log(f"test/acc/{name}", metric, batch_size=int(mask.sum()))
 
     def configure_optimizers(self):
-        opt_cfg, sched_cfg = self.hparams.optimizer, self.hparams.scheduler
-        trainer = self.trainer
-        per_device_batch = int(getattr(trainer.datamodule, "batch_size", 0) or 0)
-        global_batch = per_device_batch * trainer.world_size * trainer.accumulate_grad_batches
-        lr = scaled_lr(opt_cfg["base_lr"], global_batch)
-        total_steps = trainer.estimated_stepping_batches
-        if not math.isfinite(total_steps):
-            raise CellrepError("cannot tell how many optimizer steps the run has",
-                               fix="set trainer.max_steps or trainer.max_epochs")
-        rank_zero_info(
-            f"batch: {per_device_batch}/device × {trainer.world_size} devices × {trainer.accumulate_grad_batches} "
-            f"accumulation = {global_batch} global; lr = {opt_cfg['base_lr']:g} × {global_batch}/256 = {lr:.3g}; "
-            f"{int(total_steps)} optimizer steps"
-        )
-        optimizer = build_optimizer(self, opt_cfg["name"], lr, opt_cfg["weight_decay"], tuple(opt_cfg["betas"]))
-        schedule = warmup_cosine(int(total_steps), sched_cfg["warmup_fraction"], sched_cfg["min_lr_ratio"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(self, self.hparams.optimizer, self.hparams.scheduler)
