@@ -108,7 +108,7 @@ def load_payloads(dm: CellDataModule) -> list[bytes]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
-    p.add_argument("--sites", type=int, default=96)
+    p.add_argument("--sites", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=12, help="timed batches per shard-loader measurement")
     p.add_argument("--repeats", type=int, default=3)

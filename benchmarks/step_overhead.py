@@ -52,7 +52,20 @@ class _Data(L.LightningDataModule):
         self.batches, self.batch_size = batches, batch_size
 
     def train_dataloader(self):
-        return self.batches
+        return _Batches(self.batches)
+
+
+class _Batches:
+    """An in-memory loader (a plain list would be read by Lightning as several loaders)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
 
 
 def lightning_time(task: SupervisedTask, batches, batch_size: int, warmup: int, steps: int) -> float:

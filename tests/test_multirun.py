@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
@@ -30,7 +31,7 @@ def test_two_point_multirun_writes_exactly_two_run_directories(monkeypatch, tmp_
     task_dir = tmp_path / "outputs" / "supervised"
     runs = sorted(p.parent for p in task_dir.rglob("metrics.json"))
     assert len(runs) == 2 and [p.name for p in runs] == ["0", "1"], runs
-    assert runs[0].parent == runs[1].parent and runs[0].parent.parent.name == "multirun"
+    assert runs[0].parent == runs[1].parent and runs[0].parents[2].name == "multirun"
     assert [p.name for p in task_dir.iterdir()] == ["multirun"]  # no single-run dirs besides the sweep
     # wandb: each job its own run (wandb.finish() between jobs), id kept in its run dir
     ids = [(run / "wandb_id.txt").read_text().strip() for run in runs]
@@ -54,8 +55,6 @@ def test_optuna_sweep_runs_two_trials(monkeypatch, tmp_path, shared_data_dir):
 
 def test_named_runs_live_in_a_stable_directory(make_cfg):
     cfg = make_cfg("run_name=baseline")
-    from hydra import compose, initialize_config_module
-
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="cellrep.conf", version_base="1.3"):
         hydra_cfg = compose("train", overrides=["run_name=baseline"], return_hydra_config=True)

@@ -330,7 +330,7 @@ class EvalRunConfig(ProbeRunConfig):
     embeddings: Optional[str] = None
     metadata: Optional[str] = None  # a separate metadata table for `embeddings`, joined on join_on
     join_on: str = "well_id"
-    rename: dict[str, str] = field(default_factory=dict)  # file column -> canonical column
+    rename: Any = None  # {file column: canonical column}, e.g. {gene: perturbation} (Any: Hydra cannot merge into a None dict)
     block: str = "best"  # an index, a block name, "last", or "best" (probe, or probe_results)
     probe_results: Optional[str] = None  # probe.json of a cellrep-probe run, for block=best
     corrections: list[str] = field(default_factory=lambda: list(CORRECTIONS))

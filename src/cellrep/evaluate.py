@@ -82,7 +82,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         primary = "tvn" if "tvn" in suite.dti_per_compound else next(reversed(suite.dti_per_compound))
         table = suite.dti_per_compound[primary]
         table.to_csv(run.path / f"dti_per_compound_{primary}.csv", index=False)
-        plot_files["dti"] = plots.dti_distribution(table, run.path / "dti.png")
+        plot_files["dti"] = plots.dti_distribution(table, run.path / "dti.png", correction=primary)
 
     metrics: dict[str, Any] = {**info, "corrections": list(cfg.corrections), "benchmarks": suite.metrics,
                                "skipped": suite.skipped, "dti_targets": str(targets) if targets else None,

@@ -67,7 +67,7 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in (group or {}).values() if node is not None and "_target_" in node]
 
 
-def test_description(cfg: DictConfig) -> str:
+def describe_test_set(cfg: DictConfig) -> str:
     return {"batch": "held-out experiments", "random": "random sites of every experiment",
             "cell_type": f"held-out cell type {cfg.split.holdout}", "official": "RxRx1 official test set"}[cfg.split.name.name]
 
@@ -101,7 +101,7 @@ def train(cfg: DictConfig) -> float | None:
         trainer.test(model, datamodule=datamodule, ckpt_path="best" if has_best else None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
 
-    metrics.update(split=cfg.split.name.name, test_description=test_description(cfg), model=cfg.model.name,
+    metrics.update(split=cfg.split.name.name, test_description=describe_test_set(cfg), model=cfg.model.name,
                    dataset=cfg.data.source.name, num_classes=datamodule.num_classes,
                    split_counts=datamodule.split_counts, run_dir=str(run.path),
                    best_checkpoint=next((cb.best_model_path for cb in trainer.checkpoint_callbacks), None))

@@ -22,11 +22,12 @@ from cellrep.errors import CellrepError
 from cellrep.models.backbone import build_backbone
 
 log = logging.getLogger(__name__)
-BACKBONE_PREFIX = "backbone."
+# Where each task keeps its encoder in the state dict: supervised → backbone, mae → mae.encoder.
+BACKBONE_PREFIXES = ("backbone.", "mae.encoder.")
 
 
 def load_backbone(ckpt_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The ``backbone`` of a cellrep task checkpoint (any task whose module holds ``self.backbone``)."""
+    """The encoder of a cellrep task checkpoint (supervised ``backbone``, MAE ``mae.encoder``)."""
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise CellrepError(f"checkpoint {path} does not exist", fix="set ckpt_path to a .ckpt written by cellrep-train")
@@ -38,10 +39,12 @@ def load_backbone(ckpt_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001 — any failure means "not a cellrep checkpoint"
         raise CellrepError(f"{path} is not a readable cellrep checkpoint ({type(exc).__name__}: {exc})",
                            fix="use a checkpoint written by cellrep-train (checkpoints/best.ckpt or last.ckpt)") from None
-    weights = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
-    if not weights:
-        raise CellrepError(f"{path} holds no backbone weights", fix="use a checkpoint of a cellrep task")
-    backbone = build_backbone(model["name"], in_chans=in_chans, num_classes=int(hparams.get("num_classes", 0)),
+    prefix = next((p for p in BACKBONE_PREFIXES if any(k.startswith(p) for k in state)), None)
+    if prefix is None:
+        raise CellrepError(f"{path} holds no backbone weights (looked for {list(BACKBONE_PREFIXES)})",
+                           fix="use a checkpoint of a cellrep task (supervised or mae)")
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    backbone = build_backbone(model["name"], in_chans=in_chans, num_classes=int(hparams.get("num_classes") or 0),
                               img_size=model.get("img_size"), **dict(model.get("kwargs") or {}))
     missing, unexpected = backbone.load_state_dict(weights, strict=False)
     if missing or unexpected:

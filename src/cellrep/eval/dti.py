@@ -73,10 +73,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)
 
 
-def _quantiles(values: np.ndarray) -> dict[str, float]:
-    return {k: float(np.nanquantile(values, q)) for k, q in QUANTILES.items()}
-
-
 def _sample(rng, pool: np.ndarray, positive: np.ndarray, n_neg: np.ndarray):
     """Positives plus n_neg random genes of each compound's negative pool, compacted to a padded matrix."""
     keys = np.where(pool, rng.random(pool.shape), np.inf)
@@ -141,8 +137,7 @@ def dti_benchmark(emb: Embeddings, targets: pd.DataFrame, seeds: int = 100, posi
             variants["dose" if conc < 0 else f"conc_{conc:g}"] = grid
     variants["max"] = np.fmax.reduce(np.stack(list(variants.values())), axis=0)
 
-    stats = {v: {m: [] for m in ("ap", "auc", "random_ap", "random_auc")} for v in variants}
-    per_compound = {v: {m: [] for m in ("ap", "auc", "random_ap", "random_auc")} for v in variants}
+    runs = {v: {m: [] for m in ("ap", "auc", "random_ap", "random_auc")} for v in variants}  # seeds × compounds
     for seed in tqdm(range(seeds), desc="dti seeds", disable=not progress, leave=False):
         rng = np.random.default_rng(seed)
         order, valid, labels = _sample(rng, pool, positive, n_neg)
@@ -155,22 +150,24 @@ def dti_benchmark(emb: Embeddings, targets: pd.DataFrame, seeds: int = 100, posi
                       "random_ap": average_precision(random_scores[has], y, v),
                       "random_auc": roc_auc(random_scores[has], y, v)}
             for metric, vals in values.items():
-                stats[name][metric].append(_quantiles(vals))
                 full = np.full(len(compounds), np.nan)
                 full[has] = vals
-                per_compound[name][metric].append(full)
+                runs[name][metric].append(full)
 
     metrics: dict = {"n_compounds": int(usable.sum()), "n_genes": int(len(genes)), "skipped": skipped,
                      "seeds": seeds, "positive_nM": positive_nM, "negative_nM": negative_nM}
     frames = []
-    for name in variants:
-        metrics[name] = {metric: {q: {"mean": float(np.mean([s[q] for s in runs])),
-                                      "std": float(np.std([s[q] for s in runs]))} for q in QUANTILES}
-                         for metric, runs in stats[name].items()}
-        frame = pd.DataFrame({"compound": compounds, "variant": name})
-        for metric, runs in per_compound[name].items():
-            with warnings.catch_warnings():  # a compound without this dose is all-NaN: its mean stays NaN
-                warnings.simplefilter("ignore", RuntimeWarning)
-                frame[metric] = np.nanmean(np.stack(runs), axis=0) if runs else np.nan
-        frames.append(frame)
+    with warnings.catch_warnings():  # a compound without this dose is all-NaN: its statistics stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name in variants:
+            frame = pd.DataFrame({"compound": compounds, "variant": name})
+            metrics[name] = {}
+            for metric, per_seed in runs[name].items():
+                table = np.stack(per_seed)  # seeds × compounds
+                # quantile over compounds within each seed, then mean ± std over seeds
+                q = np.nanquantile(table, list(QUANTILES.values()), axis=1)  # quantiles × seeds
+                metrics[name][metric] = {k: {"mean": float(q[i].mean()), "std": float(q[i].std())}
+                                         for i, k in enumerate(QUANTILES)}
+                frame[metric] = np.nanmean(table, axis=0)
+            frames.append(frame)
     return DTIResult(metrics, pd.concat(frames, ignore_index=True))

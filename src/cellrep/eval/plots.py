@@ -61,7 +61,7 @@ def recall_bars(metrics: dict[str, dict], path: Path, threshold: str = "0.05/0.9
     return _save(fig, path)
 
 
-def dti_distribution(per_compound: pd.DataFrame, path: Path, variant: str = "max") -> Path:
+def dti_distribution(per_compound: pd.DataFrame, path: Path, variant: str = "max", correction: str = "") -> Path:
     """Per-compound AP (mean over sampling seeds) vs uniformly random scores on the same samples."""
     frame = per_compound[per_compound["variant"] == variant]
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -72,6 +72,6 @@ def dti_distribution(per_compound: pd.DataFrame, path: Path, variant: str = "max
         ax.axvline(float(frame[col].median()), color=color, ls="--", lw=1)
     ax.set_xlabel("average precision per compound")
     ax.set_ylabel("compounds")
-    ax.set_title("zero-shot DTI (dashed: medians)")
+    ax.set_title(f"zero-shot DTI{f' ({correction})' if correction else ''}, dashed: medians")
     ax.legend(fontsize=7)
     return _save(fig, path)

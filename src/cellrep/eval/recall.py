@@ -94,8 +94,16 @@ def source_name(source: str | Path) -> str:
     return text if text in SHIPPED else Path(text).stem
 
 
+def load_sources(sources) -> dict[str, pd.DataFrame]:
+    """name → cleaned pairs; ``sources`` is a list of shipped names / paths, or such a dict already loaded."""
+    if isinstance(sources, dict):
+        return sources
+    return {source_name(s): load_pairs(s) for s in sources}  # bad files (wrong columns, no file) raise here
+
+
 def recall_benchmark(emb: Embeddings, sources=SHIPPED, thresholds=THRESHOLDS) -> dict:
-    """Recall per annotation source (shipped names or paths) with the number of pairs used.
+    """Recall per annotation source (shipped names or paths, or :func:`load_sources`' dict) with the
+    number of pairs used.
 
     A source with no annotated pair among the embedded genes is reported as
     skipped (with the reason); if that happens to every source it is an error.
@@ -103,14 +111,13 @@ def recall_benchmark(emb: Embeddings, sources=SHIPPED, thresholds=THRESHOLDS) ->
     genes, x = gene_embeddings(emb)
     cos = cosine_matrix(x)
     out, reasons = {}, {}
-    for source in sources:
-        pairs = load_pairs(source)  # bad files (wrong columns, missing path) raise here
+    for name, pairs in load_sources(sources).items():
         try:
-            out[source_name(source)] = pair_recall(genes, cos, pairs, thresholds)
+            out[name] = pair_recall(genes, cos, pairs, thresholds)
         except CellrepError as exc:
-            reasons[source_name(source)] = exc.problem
-            out[source_name(source)] = {"n_pairs": 0, "skipped": exc.problem}
-            log.warning("recall: %s skipped: %s", source_name(source), exc.problem)
+            reasons[name] = exc.problem
+            out[name] = {"n_pairs": 0, "skipped": exc.problem}
+            log.warning("recall: %s skipped: %s", name, exc.problem)
     if reasons and len(reasons) == len(out):
         raise CellrepError(f"no annotation source has a pair among the {len(genes)} embedded genes: {reasons}",
                            fix="check that perturbation names are gene symbols matching the annotation files")

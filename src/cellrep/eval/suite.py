@@ -21,7 +21,7 @@ from cellrep.eval.consistency import replicate_consistency
 from cellrep.eval.dti import dti_benchmark, load_targets
 from cellrep.eval.embeddings import Embeddings
 from cellrep.eval.probe import ProbeSettings
-from cellrep.eval.recall import recall_benchmark
+from cellrep.eval.recall import load_sources, recall_benchmark
 
 log = logging.getLogger(__name__)
 TARGETS_FILE = "compound_targets.csv"
@@ -65,6 +65,7 @@ def run_suite(emb: Embeddings, corrections: list[str], benchmarks: dict[str, dic
         except CellrepError as exc:
             out.skipped["classification"] = exc.problem
     table = load_targets(targets) if "dti" in benchmarks and targets is not None else None
+    sources = load_sources(list(benchmarks["recall"]["sources"])) if "recall" in benchmarks else {}
     for method in corrections:
         corrected = correct(emb, method)
         out.corrected[method] = corrected
@@ -75,7 +76,7 @@ def run_suite(emb: Embeddings, corrections: list[str], benchmarks: dict[str, dic
             log.info("benchmark %s on %s embeddings", name, method)
             if name == "recall":
                 thresholds = [tuple(float(v) for v in t) for t in settings["thresholds"]]
-                result[name] = recall_benchmark(corrected, list(settings["sources"]), thresholds)
+                result[name] = recall_benchmark(corrected, sources, thresholds)
             elif name == "consistency":
                 result[name] = replicate_consistency(corrected, int(settings["null_samples"]),
                                                      float(settings["alpha"]), seed=probe.seed)
