@@ -8,7 +8,7 @@ INSTALL := $(PIP) install -q -c constraints-cpu.txt
 
 install:
 	$(INSTALL) torch==2.13.0
-	$(INSTALL) -e ".[dev]"
+	$(INSTALL) -e ".[dev,sweeps]"
 
 # Generate the synthetic screen (cached), shard it, train on held-out experiments
 # and on a random split, and print both accuracies side by side.

@@ -100,12 +100,13 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     images = [site_image(rng) for _ in range(a.samples)]
     raw = images[0].nbytes
-    enc = {name: [e(img) for img in images] for name, (e, _) in codecs().items()}
-    for name, (_, d) in codecs().items():  # lossless?
+    cs = codecs()
+    enc = {name: [e(img) for img in images] for name, (e, _) in cs.items()}
+    for name, (_, d) in cs.items():  # lossless?
         assert all(np.array_equal(d(x), img) for x, img in zip(enc[name], images)), name
     rates: dict[str, list[float]] = {name: [] for name in enc}
     for _ in range(a.repeats):
-        for name, (_, dec) in codecs().items():
+        for name, (_, dec) in cs.items():
             t0, n = time.perf_counter(), 0
             while time.perf_counter() - t0 < a.seconds:
                 dec(enc[name][n % a.samples])

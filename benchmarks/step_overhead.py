@@ -107,9 +107,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--crop", type=int, default=48)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)
     if a.quick:
         a.batch_size, a.crop, a.warmup, a.steps, a.repeats = 4, 32, 2, 3, 1

@@ -66,6 +66,17 @@ def test_external_parquet_through_every_benchmark(make_cfg, tmp_path):
     assert (run / "embeddings.parquet").exists() and (run / "embeddings_tvn.parquet").exists()
 
 
+def test_published_column_names_are_renamed(make_cfg, tmp_path):
+    path = write_screen(tmp_path / "published")
+    pd.read_parquet(path).rename(columns={"perturbation": "gene", "experiment": "experiment_name"}).to_parquet(path)
+    metrics = evaluate(make_cfg(f"embeddings={path}", *QUIET, "rename={gene:perturbation,experiment_name:experiment}",
+                                "benchmarks=[recall]", "corrections=[tvn]", config_name="eval"))
+    assert metrics["benchmarks"]["tvn"]["recall"]["StringDB"]["n_genes"] == 40
+    with pytest.raises(CellrepError, match="lacks column"):
+        evaluate(make_cfg(f"embeddings={path}", "benchmarks=[recall]", f"paths.output_dir={tmp_path}/run2",
+                          config_name="eval"))
+
+
 def test_benchmarks_that_do_not_apply_are_skipped_with_the_reason(make_cfg, tmp_path):
     path = write_screen(tmp_path / "published")
     (tmp_path / "published" / "compound_targets.csv").unlink()

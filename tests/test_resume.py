@@ -21,7 +21,7 @@ from cellrep.errors import CellrepError
 from cellrep.resume import attach_wandb_identity, resume_checkpoint
 
 HERE = Path(__file__).resolve().parent
-STEPS_PER_EPOCH, EPOCHS = 16, 2  # 122 training sites of debug=tiny / batch 8
+STEPS_PER_EPOCH, EPOCHS = 8, 2  # 122 training sites of debug=tiny / batch 16
 
 
 class StepLog(L.Callback):
@@ -39,8 +39,8 @@ class StepLog(L.Callback):
 
 def command(run_name: str, data_dir: Path) -> list[str]:
     return [sys.executable, "-m", "cellrep.train", "debug=tiny", "model.name=test_resnet", "logger=csv",
-            "data.batch_size=8", f"trainer.max_epochs={EPOCHS}", "test=false", f"run_name={run_name}",
-            "callbacks.last_checkpoint.every_n_train_steps=3", f"paths.data_dir={data_dir}",
+            "data.batch_size=16", f"trainer.max_epochs={EPOCHS}", "test=false", f"run_name={run_name}",
+            "callbacks.last_checkpoint.every_n_train_steps=2", f"paths.data_dir={data_dir}",
             "+callbacks.step_log._target_=test_resume.StepLog", "+callbacks.step_log.dirpath=${paths.output_dir}",
             "+callbacks.step_log.sleep_s=0.15"]
 
@@ -59,7 +59,7 @@ def test_kill_9_mid_epoch_then_same_command_equals_uninterrupted_run(tmp_path, s
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     reference, victim = start("reference"), start("crash")
     deadline = time.time() + 400
-    while len(seen(runs / "crash")) < STEPS_PER_EPOCH + 4 or not (runs / "crash/checkpoints/last.ckpt").exists():
+    while len(seen(runs / "crash")) < STEPS_PER_EPOCH + 3 or not (runs / "crash/checkpoints/last.ckpt").exists():
         assert victim.poll() is None, victim.stdout.read()[-3000:]
         assert time.time() < deadline, "the run never got to the second epoch"
         time.sleep(0.05)

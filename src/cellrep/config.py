@@ -343,6 +343,10 @@ class EvalRunConfig(ProbeRunConfig):
         if bad or not self.corrections:
             raise CellrepError(f"unknown batch correction(s) {bad}" if bad else "corrections is empty",
                                fix=f"use corrections=[...] from {list(CORRECTIONS)}")
+        if self.rename is not None and not (isinstance(self.rename, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.rename.items())):
+            raise CellrepError(f"rename={self.rename!r} is not a mapping of column names",
+                               fix="use rename={file_column:canonical_column,...}, e.g. rename={gene:perturbation}")
         if (self.ckpt_path is None) == (self.embeddings is None):
             raise CellrepError("cellrep-eval needs exactly one of ckpt_path=... and embeddings=...",
                                fix="pass ckpt_path=<checkpoint> or embeddings=<parquet with feature_* columns>")

@@ -28,10 +28,11 @@ def compose_in(config_name: str, overrides, root, data_dir):
         return compose(config_name=config_name, overrides=[*paths, *overrides])
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     """Small tensors on 2 shared cores: one intra-op thread avoids spin-waiting between threads
-    (measured: a ResNet step ran >10x slower with 2 threads when the cores were busy)."""
+    (measured: a ResNet step ran >10x slower with 2 threads when the cores were busy). Module scope:
+    restored after each module here, so tests elsewhere keep their thread count."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -13,6 +13,12 @@ the last good checkpoint in place. On SLURM it also saves on the timeout
 warning (SIGUSR2, see ``conf/hydra/launcher/slurm.yaml``): the signal is noted,
 all ranks agree at the next step boundary, ``last.ckpt`` is written, and then
 the handler that was there before (submitit's: requeue and exit) runs.
+
+It also puts the training loader back at the checkpoint's position: Lightning
+restores a stateful loader's position only if the loader was not built before
+the checkpoint was read, and a task that asks for
+``trainer.estimated_stepping_batches`` in ``configure_optimizers`` builds it
+early (lightning issue 20550), so the resumed epoch would start over.
 """
 
 from __future__ import annotations
@@ -78,6 +84,16 @@ class LastCheckpoint(ModelCheckpoint):
     def _save_last_now(self, trainer: L.Trainer) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._loader_states = loops.get("combined_loader")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        states, self._loader_states = getattr(self, "_loader_states", None), None
+        loader = trainer.train_dataloader
+        if states and hasattr(loader, "load_state_dict"):  # before the first epoch's iterator is made
+            loader.load_state_dict(states[0])
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._signal, self._previous = None, None

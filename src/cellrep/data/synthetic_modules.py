@@ -20,7 +20,7 @@ from scipy import sparse
 from cellrep.errors import CellrepError
 from cellrep.schema import NEGATIVE_CONTROL
 
-EFFECT_NORM = 3.0  # length of a gene's phenotype vector at effect_strength=1 (morphology units)
+EFFECT_NORM = 3.5  # length of a gene's phenotype vector at effect_strength=1 (morphology units)
 COMPOUND_TARGET_COSINE = 0.9
 HILL_SLOPE = 1.5
 EC50_RANGE_UM = (0.3, 3.0)  # EC50s sit mid-range so the default doses 0.1/1/10 µM span the curve

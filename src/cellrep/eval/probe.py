@@ -65,13 +65,26 @@ class ProbeResult:
     test_logits: dict[str, np.ndarray] | None = None  # chosen head per block, on the test rows
 
 
-def _topk(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Accuracy of every head (L, N, C) → (L,); NaN-free for N = 0 (returns NaN)."""
-    if labels.numel() == 0:
-        return torch.full(logits.shape[:1], float("nan"))
+def _hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Correct top-k predictions of every head: logits (L, N, C) → (L,) counts."""
     k = min(k, logits.shape[-1])
-    hit = (logits.topk(k, dim=-1).indices == labels[None, :, None]).any(-1)
-    return hit.float().mean(-1)
+    return (logits.topk(k, dim=-1).indices == labels[None, :, None]).any(-1).sum(-1)
+
+
+@torch.no_grad()
+def _accuracy(model: LinearProbes, b: int, x: torch.Tensor, y: torch.Tensor, keep: bool, chunk: int = 8192):
+    """(top-1, top-5) per head, and the logits when ``keep``; in chunks so (L, N, C) never sits in memory."""
+    if len(y) == 0:
+        nan = torch.full((len(model.heads[b]),), float("nan"))
+        return nan, nan, None
+    top1, top5, kept = 0, 0, []
+    for start in range(0, len(y), chunk):
+        out = model.block_logits(b, x[start:start + chunk])
+        top1 = top1 + _hits(out, y[start:start + chunk], 1)
+        top5 = top5 + _hits(out, y[start:start + chunk], 5)
+        if keep:
+            kept.append(out)
+    return top1 / len(y), top5 / len(y), torch.cat(kept, dim=1) if keep else None
 
 
 def train_probes(features: dict[str, np.ndarray], labels: np.ndarray, stage: np.ndarray, num_classes: int,
@@ -129,24 +142,19 @@ def train_probes(features: dict[str, np.ndarray], labels: np.ndarray, stage: np.
 
     model.eval()
     rows, logits_out = [], {}
-    with torch.no_grad():
-        for b, name in enumerate(names):
-            acc = {}
-            for s, mask in masks.items():
-                out = model.block_logits(b, xs[b][mask])
-                acc[s] = (_topk(out, y[mask], 1), _topk(out, y[mask], 5), out)
-            choice = acc[selected_on][0]
-            best = int(torch.nan_to_num(choice, nan=-1.0).argmax())
-            rows.append({
-                "block": name, "block_index": b, "dim": int(xs[b].shape[1]), "best_lr": settings.lrs[best],
-                "train_acc": float(acc["train"][0][best]), "val_acc": float(acc["val"][0][best]),
-                "test_acc": float(acc["test"][0][best]), "test_acc_top5": float(acc["test"][1][best]),
-                "val_acc_mean_over_lrs": float(torch.nanmean(acc["val"][0])),
-                "acc_by_lr": {f"{lr:g}": {"val": float(acc["val"][0][i]), "train": float(acc["train"][0][i])}
-                              for i, lr in enumerate(settings.lrs)},
-            })
-            if keep_logits:
-                logits_out[name] = acc["test"][2][best].numpy()
+    for b, name in enumerate(names):
+        acc = {s: _accuracy(model, b, xs[b][mask], y[mask], keep_logits and s == "test") for s, mask in masks.items()}
+        best = int(torch.nan_to_num(acc[selected_on][0], nan=-1.0).argmax())
+        rows.append({
+            "block": name, "block_index": b, "dim": int(xs[b].shape[1]), "best_lr": settings.lrs[best],
+            "train_acc": float(acc["train"][0][best]), "val_acc": float(acc["val"][0][best]),
+            "test_acc": float(acc["test"][0][best]), "test_acc_top5": float(acc["test"][1][best]),
+            "val_acc_mean_over_lrs": float(torch.nanmean(acc["val"][0])),
+            "acc_by_lr": {f"{lr:g}": {"val": float(acc["val"][0][i]), "train": float(acc["train"][0][i])}
+                          for i, lr in enumerate(settings.lrs)},
+        })
+        if keep_logits:
+            logits_out[name] = acc["test"][2][best].numpy()
     table = pd.DataFrame(rows)
     key = f"{selected_on}_acc"
     ranked = table.assign(_tie=table["val_acc_mean_over_lrs"].fillna(-1)).sort_values(

@@ -37,8 +37,10 @@ def benchmark_lines(metrics: dict[str, dict], skipped: dict[str, str]) -> list[s
             if "skipped" in r:
                 lines.append(f"  recall {source}: skipped ({r['skipped']})")
                 continue
-            values = ", ".join(f"{k}: {_f(v)}" for k, v in r.items() if "/" in k)
-            lines.append(f"  recall {source} ({r['n_pairs']} pairs, {r['n_genes']} genes): {values}  (random 0.10/0.20)")
+            keys = [k for k in r if "/" in k]
+            values = ", ".join(f"{k}: {_f(r[k])}" for k in keys)
+            chance = "/".join(f"{float(k.split('/')[0]) + 1 - float(k.split('/')[1]):.2f}" for k in keys)
+            lines.append(f"  recall {source} ({r['n_pairs']} pairs, {r['n_genes']} genes): {values}  (random {chance})")
         if "consistency" in result:
             c = result["consistency"]
             frac = next(v for k, v in c.items() if k.startswith("frac_p_lt_"))
