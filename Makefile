@@ -18,7 +18,8 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
-# CPU benchmarks (DESIGN §7, issue 7): prints the tables of docs/PERFORMANCE.md, < 10 min on 2 cores.
+# CPU benchmarks (DESIGN §7, issue 7): prints the tables of docs/PERFORMANCE.md. Target: < 10 min on an
+# idle 2-core machine (not yet verified: ~20 min at load 9, see docs/PERFORMANCE.md).
 # Add QUICK=--quick for a seconds-long smoke run. The GPU script is separate: benchmarks/gpu_throughput.py.
 QUICK ?=
 bench:
