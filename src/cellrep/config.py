@@ -44,6 +44,7 @@ class SyntheticScreenConfig:
     control_wells_per_plate: int = 4
     effect_strength: float = 1.0
     batch_effect_strength: float = 1.0
+    module_similarity: float = 0.6  # cosine between phenotypes of two genes of one module
 
 
 @dataclass
