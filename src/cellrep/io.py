@@ -5,15 +5,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 
-def atomic_write_bytes(path: Path | str, data: bytes, overwrite: bool = True) -> Path:
-    """Write to a temp file in the destination directory, fsync, then rename.
+@contextmanager
+def atomic_open(path: Path | str, overwrite: bool = True) -> Iterator[BinaryIO]:
+    """A binary file handle whose content appears at ``path`` only once complete.
 
-    The temp file lives beside the target so the rename never crosses
-    filesystems. With ``overwrite=False`` an existing file is an error.
+    Writes go to a temp file beside the target (the rename never crosses
+    filesystems), which is fsynced, renamed over ``path``, and the directory
+    fsynced so the rename itself survives a crash. On any error the temp file
+    is removed and ``path`` is untouched. With ``overwrite=False`` an existing
+    file is an error.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,7 +27,7 @@ def atomic_write_bytes(path: Path | str, data: bytes, overwrite: bool = True) ->
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -30,7 +35,20 @@ def atomic_write_bytes(path: Path | str, data: bytes, overwrite: bool = True) ->
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
+
+
+def atomic_write_bytes(path: Path | str, data: bytes, overwrite: bool = True) -> Path:
+    with atomic_open(path, overwrite=overwrite) as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: Path | str, text: str, overwrite: bool = True) -> Path:

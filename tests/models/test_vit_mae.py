@@ -8,13 +8,7 @@ from cellrep.models.mae import MaskedAutoencoder
 from cellrep.tasks.mae_loss import mae_loss, normalize_patches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread beats two (no OpenMP hand-offs), by 10× on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ENCODERS = ["vit_small_patch16_224", "ca_vit_small_patch16", "vit_large_patch8_256"]

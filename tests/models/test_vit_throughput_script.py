@@ -9,13 +9,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread beats two (no OpenMP hand-offs), by 10× on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_throughput.py"

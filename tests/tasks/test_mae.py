@@ -19,13 +19,7 @@ from cellrep.tasks.supervised import NonFiniteLossError
 from cellrep.train import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread beats two (no OpenMP hand-offs), by 10× on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ViT-S/16's architecture at a width and depth a 2-core CPU trains in seconds; patch 8 gives 16 tokens at 32 px.

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,30 +34,13 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from cellrep.io import atomic_open
+
 
 def atomic_torch_save(obj: Any, path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
