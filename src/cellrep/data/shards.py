@@ -37,7 +37,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import tarfile
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -48,6 +47,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from cellrep.errors import CellrepError
+from cellrep.io import atomic_open
 from cellrep.schema import validate_metadata
 
 log = logging.getLogger(__name__)
@@ -98,32 +98,10 @@ def plan_shards(meta: pd.DataFrame, samples_per_shard: int) -> list[dict]:
     return shards
 
 
-# ---------------------------------------------------------------- atomic files
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # makes the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(fileobj)`` into a temp file next to ``path``, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
+# ---------------------------------------------------------------- json files
 def _write_json(path: Path, obj, indent: int | None = 1) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
+    with atomic_open(path) as f:
+        f.write(json.dumps(obj, indent=indent).encode())
 
 
 def _read_json(path: Path):
@@ -218,7 +196,8 @@ def _write_shard(source, spec: dict, rows: list[dict], out_dir: Path, shape, fin
                 if bar is not None:
                     bar.update(1)
 
-    _atomic_write(path, write)
+    with atomic_open(path) as f:
+        write(f)
     sidecar = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "name": spec["name"],
                "sites_digest": _digest(spec["site_ids"]), "num_samples": len(offsets), "skipped": skipped,
                "size_bytes": path.stat().st_size, "offsets": offsets, **stats}
@@ -357,7 +336,8 @@ def write_shards(source, out_dir: Path, samples_per_shard: int = 256, num_worker
     problems += [p for s in plan for p in sidecars[s["name"]].get("skipped", ())]
     _check_bad_input(problems, total, max_bad_fraction, source.name, out_dir, final=True)
     index = _build_index(meta, plan, sidecars)
-    _atomic_write(out_dir / INDEX, lambda f: index.to_parquet(f, index=False))
+    with atomic_open(out_dir / INDEX) as f:
+        index.to_parquet(f, index=False)
     plate_stats, global_stats = _stats(plan, sidecars, shape[0])
     shards = [{k: s[k] for k in ("name", "experiment", "plate")} | {"num_samples": sidecars[s["name"]]["num_samples"]}
               for s in plan]
