@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -185,8 +186,9 @@ def test_corrupt_samples_are_skipped_and_counted(tiny_shards, tmp_path, caplog):
 
 DDP_SCRIPT = textwrap.dedent('''
     import cellrep  # noqa: F401  (before lightning imports torchvision)
-    import json, sys
+    import datetime, faulthandler, json, sys
     import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy
     import torch
     from cellrep.data.datamodule import CellDataModule
 
@@ -212,10 +214,13 @@ DDP_SCRIPT = textwrap.dedent('''
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(150, exit=True)  # a hang prints every thread's stack, then exits
     split = dict(name="batch", test_fraction=0.21, val_fraction=0.3, holdout=None, shots=0, seed=0)
-    dm = CellDataModule(shards, split, batch_size=4, num_workers=1, crop_size=12)
+    dm = CellDataModule(shards, split, batch_size=4, num_workers=0, crop_size=12)
     model = Recorder()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+    # a rank that dies must fail its peer within a minute, not after the 30-minute default
+    strategy = DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=60))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
     trainer.fit(model, dm)
@@ -231,9 +236,16 @@ def test_ddp_two_processes_equal_batches_exact_eval(tiny_shards, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, str(script), str(tiny_shards), str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = tmp_path / "ddp.log"
+    with open(log, "w") as out:  # a file, not a pipe: rank 1 inherits it and cannot keep a pipe open forever
+        proc = subprocess.Popen([sys.executable, str(script), str(tiny_shards), str(tmp_path)], cwd=tmp_path,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = "timeout"
+    assert rc == 0, f"rc={rc}\n" + log.read_text()[-6000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     n_train = ranks[0]["counts"]["train"]
     assert ranks[0]["train_batches"] == ranks[1]["train_batches"] == math.ceil(n_train / (4 * 2))
