@@ -4,6 +4,7 @@ and under -m exactly one run directory per sweep point (no nested multirun from 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,13 +34,20 @@ class RankDump(L.Callback):
                     "params": params, "pid": os.getpid()}, self.dirpath / f"rank{trainer.global_rank}.pt")
 
 
-def run_cli(tmp_path: Path, data_dir: Path, *args: str, timeout: int = 420) -> subprocess.CompletedProcess:
+def run_cli(tmp_path: Path, data_dir: Path, *args: str, timeout: int = 420) -> None:
     env = {**os.environ, "CELLREP_ROOT": str(tmp_path), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "cellrep.train", *args, f"paths.data_dir={data_dir}",
            "+callbacks.rank_dump._target_=test_ddp_train.RankDump", "+callbacks.rank_dump.dirpath=${paths.output_dir}"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return out
+    log = tmp_path / "ddp.log"
+    with open(log, "w") as out:  # a file, not a pipe: a hung rank 1 cannot hold it open past the timeout
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # both ranks live in the session started here
+            rc = "timeout"
+    assert rc == 0, f"rc={rc}\n" + log.read_text()[-8000:]
 
 
 def assert_ranks_agree(run_dir: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import zlib
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cellrep.data.rxrx1 import RxRx1Source
+from cellrep.data.shards import UnreadableSite, read_index, write_shards
 from cellrep.data.source import ImageSource
 from cellrep.errors import CellrepError
 from cellrep.schema import CANONICAL_COLUMNS, NEGATIVE_CONTROL, RXRX1_CHANNELS
@@ -181,5 +184,34 @@ def test_non_8bit_grayscale_images_are_rejected(rxrx1_root, mode):
 def test_corrupt_png_is_reported(rxrx1_root):
     path = rxrx1_root / "images" / "HUVEC-01" / "Plate1" / "B03_s2_w1.png"
     path.write_bytes(path.read_bytes()[:20])
-    with pytest.raises(CellrepError, match="cannot be read"):
+    with pytest.raises(UnreadableSite, match="B03_s2_w1.png cannot be read"):
         RxRx1Source(rxrx1_root).load("HUVEC-01_1_B03_2")
+
+
+def test_truncated_and_corrupt_pngs_are_skipped_counted_and_named_by_sharding(rxrx1_root, tmp_path, caplog):
+    folder = rxrx1_root / "images" / "HUVEC-01" / "Plate2"
+    truncated, corrupt = folder / "AA04_s1_w3.png", folder / "AA04_s2_w5.png"
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])  # cut inside the IDAT chunk: a real half-downloaded file
+    flipped = bytearray(corrupt.read_bytes())
+    flipped[60] ^= 0xFF  # a flipped byte in the compressed stream
+    corrupt.write_bytes(bytes(flipped))
+    source = RxRx1Source(rxrx1_root)
+    for sid in ("HUVEC-01_2_AA04_1", "HUVEC-01_2_AA04_2"):
+        with pytest.raises(UnreadableSite):
+            source.load(sid)
+
+    with pytest.raises(CellrepError, match="(?s)too much bad input.*unreadable_image: 2 — HUVEC-01_2_AA04_1 "
+                                           r"\(.*AA04_s1_w3.png cannot be read.*HUVEC-01_2_AA04_2") as err:
+        write_shards(source, tmp_path / "strict", samples_per_shard=3, progress=False, max_bad_fraction=0.1)
+    assert "max_bad_fraction" in err.value.fix and not (tmp_path / "strict" / "manifest.json").exists()
+
+    with caplog.at_level(logging.WARNING, logger="cellrep.data.shards"):
+        manifest = write_shards(source, tmp_path / "lenient", samples_per_shard=3, progress=False,
+                                max_bad_fraction=0.25)
+    assert manifest["bad_input"]["by_kind"] == {"unreadable_image": 2}
+    assert manifest["num_samples"] == 2 * len(WELLS) - 2
+    assert {"HUVEC-01_2_AA04_1", "HUVEC-01_2_AA04_2"}.isdisjoint(read_index(tmp_path / "lenient")["site_id"])
+    assert "unreadable_image: 2 — HUVEC-01_2_AA04_1" in caplog.text and "AA04_s2_w5.png" in caplog.text
+    listed = json.loads((tmp_path / "lenient" / "problems.json").read_text())["problems"]
+    assert sorted(p["item"] for p in listed) == ["HUVEC-01_2_AA04_1", "HUVEC-01_2_AA04_2"]

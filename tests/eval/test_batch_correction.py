@@ -122,3 +122,17 @@ def test_tvn_separates_biology_from_experiment_offsets():
         scores[method] = pair_recall(genes, cosine_matrix(x), pairs)["0.05/0.95"]
     assert scores["none"] < 0.2  # random: 0.10
     assert scores["tvn"] > 0.4 and scores["pca_centerscale"] > 0.4, scores
+
+
+@pytest.mark.parametrize("controls,dim", [(12, 5), (3, 20)])  # controls span all / only some dimensions
+def test_coral_from_control_svd_equals_the_inverse_square_root(controls, dim):
+    from cellrep.eval.batch_correction import CORAL_RIDGE, coral, inverse_sqrt
+
+    emb = screen(controls=controls, dim=dim)
+    z, batch, ctrl = emb.features.astype(np.float64), emb.batch, emb.is_control
+    expected = np.empty_like(z)
+    for b in np.unique(batch):
+        rows = batch == b
+        cov = np.cov(z[rows & ctrl], rowvar=False, ddof=1) + CORAL_RIDGE * np.eye(dim)
+        expected[rows] = z[rows] @ inverse_sqrt(cov)
+    np.testing.assert_allclose(coral(z, batch, ctrl), expected, atol=1e-10)

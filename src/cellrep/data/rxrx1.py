@@ -4,8 +4,10 @@ Layout: ``<root>/metadata.csv`` and ``<root>/images/<experiment>/Plate<p>/<well>
 one 8-bit grayscale PNG per channel ``c = 1..C``. RxRx1 names perturbations in
 a ``sirna`` column with ``EMPTY`` for untreated negative controls; the synthetic
 screen adds ``perturbation_type``, ``concentration`` and ``target`` columns.
-Problems are found at construction (missing files, wrong channel count), not
-ten thousand steps into training.
+Problems are found at construction (missing folders, wrong channel count), not
+ten thousand steps into training. A site whose PNG is missing, truncated or corrupt
+raises :class:`~cellrep.data.shards.UnreadableSite` from ``load``: the shard writer
+skips it, counts it and names it in its end-of-sharding summary (DESIGN §7).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cellrep.data.shards import UnreadableSite
 from cellrep.errors import CellrepError
 from cellrep.schema import NEGATIVE_CONTROL, RXRX1_CHANNELS, validate_metadata
 
@@ -137,14 +140,14 @@ class RxRx1Source:
         for c in range(1, len(self.channel_names) + 1):
             path = prefix.parent / f"{prefix.name}_w{c}.png"
             if not path.is_file():
-                raise CellrepError(f"channel image {path} of site {site_id} is missing",
-                                   fix="restore the file, or drop the site from metadata.csv")
+                raise UnreadableSite(f"channel image {path} of site {site_id} is missing",
+                                     fix="restore the file, or drop the site from metadata.csv")
             try:
                 with Image.open(path) as image:
                     mode, plane = image.mode, np.asarray(image)
-            except (OSError, SyntaxError, ValueError) as exc:  # PIL raises SyntaxError on broken PNGs
-                raise CellrepError(f"channel image {path} cannot be read: {exc}",
-                                   fix="re-download or re-export the file (8-bit grayscale PNG)") from None
+            except Exception as exc:  # noqa: BLE001 — PIL raises OSError, SyntaxError, ValueError, zlib.error
+                raise UnreadableSite(f"channel image {path} cannot be read: {type(exc).__name__}: {exc}",
+                                     fix="re-download or re-export the file (8-bit grayscale PNG)") from None
             if mode != "L" or plane.dtype != np.uint8:
                 raise CellrepError(f"{path} is a '{mode}' image; RxRx1 channels must be 8-bit grayscale ('L')",
                                    fix="convert the images to 8-bit single-channel PNG, or read 16-bit data "

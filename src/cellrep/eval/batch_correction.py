@@ -51,6 +51,27 @@ def inverse_sqrt(cov: np.ndarray) -> np.ndarray:
     return (vecs / np.sqrt(vals)) @ vecs.T
 
 
+def coral(z: np.ndarray, batch: np.ndarray, control: np.ndarray, ridge: float = CORAL_RIDGE) -> np.ndarray:
+    """Per batch ``z @ (Cov(batch controls, ddof=1) + ridge·I)^(-1/2)`` (DESIGN §5 TVN, CORAL step).
+
+    Computed from the thin SVD of each batch's centred control rows instead of a
+    D×D eigendecomposition: with ``C_c/√(n-1) = U S Vᵀ`` (V: D×k, k = min(n, D)),
+    ``Cov = V S² Vᵀ`` and, exactly,
+    ``(Cov + r·I)^(-1/2) = r^(-1/2)·I + V diag((s² + r)^(-1/2) − r^(-1/2)) Vᵀ``
+    (the identity part covers the D−k directions the controls do not span). Cost
+    O(n²·D + rows·D·k) per batch instead of O(D³): seconds, not minutes, at screen scale.
+    """
+    out = z / np.sqrt(ridge)
+    for b in np.unique(batch):
+        rows = np.flatnonzero(batch == b)
+        ctrl = z[rows[control[rows]]]
+        centred = (ctrl - ctrl.mean(axis=0)) / np.sqrt(max(len(ctrl) - 1, 1))
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        d = 1.0 / np.sqrt(s**2 + ridge) - 1.0 / np.sqrt(ridge)
+        out[rows] += ((z[rows] @ vt.T) * d) @ vt
+    return out
+
+
 def _check_controls(batch: np.ndarray, control: np.ndarray, method: str, minimum: int) -> None:
     names, counts = np.unique(batch[control], return_counts=True)
     have = dict(zip(names.tolist(), counts.tolist()))
@@ -81,13 +102,7 @@ def tvn(x: np.ndarray, batch: np.ndarray, control: np.ndarray) -> np.ndarray:
     z = center_scale(x, control)
     mean, axes = pca_fit(z[control])
     z = center_scale((z - mean) @ axes.T, control)
-    ridge = CORAL_RIDGE * np.eye(z.shape[1])
-    out = np.empty_like(z)
-    for b in np.unique(batch):
-        rows = batch == b
-        cov = np.cov(z[rows & control], rowvar=False, ddof=1).reshape(z.shape[1], z.shape[1])
-        out[rows] = z[rows] @ inverse_sqrt(cov + ridge)
-    return out
+    return coral(z, batch, control)
 
 
 def correct(emb: Embeddings, method: str) -> Embeddings:
