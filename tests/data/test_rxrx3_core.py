@@ -60,14 +60,15 @@ def well_key(experiment, plate, address, channel, site=1):
 
 
 def write_rxrx3_core(root, wells=WELLS, channels=6, files=2, row_group_size=7, struct=True, extra_keys=(),
-                     drop_keys=(), corrupt=(), metadata_wells=None):
-    """Write the HF layout; ``extra_keys`` (key -> bytes) add rows, ``corrupt`` keys get truncated jp2."""
+                     drop_keys=(), corrupt=(), metadata_wells=None, image=pixels):
+    """Write the HF layout; ``extra_keys`` (key -> bytes) add rows, ``corrupt`` keys get truncated jp2.
+    ``image(key)`` is the uint8 plane stored under a key (default: reproducible noise)."""
     rows = [dict(zip(META_COLUMNS, (f"{e}_{p}_{a}", e, p, a, g, t, s, c, pt, "HUVEC")))
             for e, p, a, g, t, s, c, pt in (wells if metadata_wells is None else metadata_wells)]
     (root / "data").mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=META_COLUMNS).to_csv(root / "metadata_rxrx3_core.csv", index=False)
     images = {well_key(e, p, a, c): None for e, p, a, *_ in wells for c in range(1, channels + 1)}
-    images = {k: jp2(pixels(k)) for k in images if k not in drop_keys}
+    images = {k: jp2(image(k)) for k in images if k not in drop_keys}
     for k in corrupt:
         images[k] = images[k][: len(images[k]) // 3]
     images.update(extra_keys)

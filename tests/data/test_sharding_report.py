@@ -75,6 +75,13 @@ def test_index_problems_alone_fail_before_any_image_is_read(tmp_path, make_sourc
     assert src.loads == 0 and not list(tmp_path.glob("*.tar"))
 
 
+def test_temp_files_of_a_killed_run_are_removed(tmp_path, make_source):
+    leftover = tmp_path / ".HUVEC-01-p1-0000.tar.k3j_x9.tmp"  # what atomic_open leaves behind a kill -9
+    leftover.write_bytes(b"half a shard")
+    write_shards(make_source(cell_types=("HUVEC",), experiments_per_type=1), tmp_path, progress=False)
+    assert not leftover.exists() and not list(tmp_path.glob(".*tmp*"))
+
+
 def test_first_site_unreadable_does_not_stop_the_shape_probe(tmp_path, make_source):
     first = sorted(make_source().metadata["site_id"])[0]
     src = flawed_source(make_source, unreadable=(first,), problems=0)

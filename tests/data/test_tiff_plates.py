@@ -128,6 +128,39 @@ def test_uint16_tiffs_follow_the_recorded_rule(tmp_path, layout, rule):
             np.testing.assert_array_equal(got, want)
 
 
+def test_percentile_levels_over_worker_processes_equal_the_serial_ones(tmp_path, capsys, make_cfg):
+    rows = site_rows(batches=("batch-A", "batch-B", "batch-C"), sites=3)
+    rows += [dict(r, plate=2) for r in rows if r["batch"] == "batch-C"]  # 4 plates, 18 sites each
+    root = write_tiffs(tmp_path / "screen", dtype=np.uint16, rows=rows)
+    serial = source(root, sample_sites=5)
+    levels = serial.compute_levels(num_workers=0)
+    capsys.readouterr()
+    parallel = source(root, sample_sites=5, num_workers=3, progress=True)
+    assert parallel.compute_levels() == levels and len(levels) == 4  # bit-identical floats, every plate
+    bar = capsys.readouterr().err
+    assert "16-bit percentile levels: 100%" in bar and "4/4" in bar  # the progress bar counted every plate
+    for key, plate_levels in levels.items():  # and they are the percentiles of the 5 sampled sites
+        e, p = key.split("/")
+        picked = serial._plate_sample(e, int(p))
+        assert len(picked) == 5
+        raw = np.stack([np.stack([tifffile.imread(f) for f in files]) for files in picked])
+        np.testing.assert_allclose(plate_levels, [np.percentile(raw[:, c], [0.1, 99.9]) for c in range(5)])
+    first = write_shards(serial, tmp_path / "serial", samples_per_shard=7, progress=False)
+    second = write_shards(parallel, tmp_path / "parallel", samples_per_shard=7, progress=False)
+    assert first["source"]["levels"] == second["source"]["levels"]
+    for tar in sorted((tmp_path / "serial").glob("*.tar")):
+        assert (tmp_path / "parallel" / tar.name).read_bytes() == tar.read_bytes()
+
+    from cellrep.data.prepare import build_source  # cellrep-shard: data.shard_workers processes compute them
+
+    cfg = make_cfg("data=tiff", f"data.root={root}", f"data.pattern='{PER_CHANNEL}'", "data.shard_workers=2",
+                   f"data.channel_names=[{','.join(CHANNELS)}]", "data.tiff.negative_controls=[DMSO]",
+                   "data.tiff.sample_sites=5", *[f"data.columns.{k}={v}" for k, v in COLUMNS.items()],
+                   config_name="shard")
+    configured, _ = build_source(cfg.data, progress=False)
+    assert configured.num_workers == 2 and configured.describe()["levels"] == levels
+
+
 def test_rule_and_levels_change_the_fingerprint(tmp_path):
     root = write_tiffs(tmp_path / "screen", dtype=np.uint16)
     prints = {source(root, **kw).fingerprint for kw in

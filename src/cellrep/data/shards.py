@@ -262,6 +262,9 @@ def _stats(plan: list[dict], sidecars: dict[str, dict], c: int) -> tuple[dict, d
         _add_sums(total, side["all"])
     plate_stats = {}
     for key, p in plates.items():
+        if not p["all"]["sites"]:  # every site of the plate was unreadable: nothing to normalize
+            log.warning("plate %s has no readable site: it has no normalization stats", key)
+            continue
         use = p["controls"] if p["controls"]["sites"] else p["all"]
         if not p["controls"]["sites"]:
             log.warning("plate %s has no negative-control sites: its normalization stats use all its sites", key)
@@ -408,7 +411,9 @@ def _start_plan(out_dir: Path, source, plan: list[dict], samples_per_shard: int)
     for name in {s["name"] for s in old_plan.get("shards", [])} - {s["name"] for s in plan}:
         (out_dir / name).unlink(missing_ok=True)
         _sidecar_path(out_dir, name).unlink(missing_ok=True)
-    for tmp in out_dir.glob(".*.tmp.*"):  # temp files of a killed run
+    # temp files of a killed run (atomic_open names them .<name>.<random>.tmp); safe: one writer at a time
+    # (cellrep.data.prepare holds a lock around sharding)
+    for tmp in [*out_dir.glob(".*.tmp"), *out_dir.glob(".*.tmp.*")]:
         tmp.unlink(missing_ok=True)
     _write_json(out_dir / PLAN, {"format_version": FORMAT_VERSION, "dataset": source.name,
                                   "fingerprint": source.fingerprint, "samples_per_shard": samples_per_shard,

@@ -19,7 +19,8 @@ experiment column every plate is its own batch.
 
 8-bit images pass unchanged; 16-bit ones become 8-bit by ``bit_depth_rule``:
 ``percentile`` (clip each plate × channel at percentiles of a fixed sample of its sites,
-then scale: robust to one bright artifact and comparable within a plate), ``max``
+then scale: robust to one bright artifact and comparable within a plate; the plates'
+levels are computed over ``num_workers`` processes before sharding), ``max``
 (``[0, max_value] -> [0, 255]``, one global scale) or ``shift`` (``value >> shift``,
 for 10/12-bit cameras). The rule, its parameters and the levels used are recorded
 by ``describe()`` into the shards' manifest.
@@ -36,10 +37,13 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from cellrep.data.shards import UnreadableSite
 from cellrep.errors import CellrepError
@@ -81,6 +85,43 @@ def read_tiff(path: Path) -> np.ndarray:
     return planes[0] if len(planes) == 1 else np.stack(planes)
 
 
+def raw_planes(files: tuple[Path, ...], channel_names: tuple[str, ...]) -> list[np.ndarray]:
+    """The 2-D planes of one site (8- or 16-bit), from one file per channel or one multi-page file.
+    Anything wrong with the files' content raises :class:`UnreadableSite`."""
+    planes = []
+    n = len(channel_names)
+    for path in files:
+        try:
+            arr = read_tiff(path)
+        except Exception as exc:  # noqa: BLE001 — any decoding failure is this file's fault
+            raise UnreadableSite(f"{path} cannot be read: {type(exc).__name__}: {exc}") from None
+        if arr.ndim == 3 and len(files) == 1 and arr.shape[-1] == n and arr.shape[0] != n:
+            arr = np.moveaxis(arr, -1, 0)  # one page with contiguous samples (H×W×C)
+        planes += [arr] if arr.ndim == 2 else list(arr)
+    if channel_names and len(planes) != n:
+        raise UnreadableSite(f"{files[0]} has {len(planes)} plane(s), expected {n} channels")
+    for k, p in enumerate(planes):
+        path = files[min(k, len(files) - 1)]
+        if p.dtype not in (np.uint8, np.uint16) or p.ndim != 2 or p.shape != planes[0].shape:
+            raise UnreadableSite(f"{path}: plane {p.dtype} {p.shape}; need 8/16-bit grayscale of one size")
+    return planes
+
+
+def percentile_levels(sites: list[tuple[Path, ...]], channel_names: tuple[str, ...], percentile) -> list:
+    """``(low, high)`` per channel: ``percentile`` of the 16-bit pixels of ``sites`` (one plate's sample);
+    ``None`` for a channel without 16-bit data. Unreadable sites are left out (the writer counts them)."""
+    values = [[] for _ in channel_names]
+    for files in sites:
+        try:
+            planes = raw_planes(files, channel_names)
+        except UnreadableSite:
+            continue
+        for c, p in enumerate(planes):
+            if p.dtype != np.uint8:  # ~2^18 pixels per site are plenty for a percentile
+                values[c].append(p.ravel()[::max(p.size >> 18, 1)])
+    return [tuple(float(x) for x in np.percentile(np.concatenate(v), percentile)) if v else None for v in values]
+
+
 def to_uint8(plane: np.ndarray, rule: str, levels=None, max_value: int = 65535, shift: int = 8) -> np.ndarray:
     """One channel to uint8: 8-bit passes, 16-bit by ``rule`` (``levels`` = (low, high) for percentile)."""
     if plane.dtype == np.uint8:
@@ -101,7 +142,7 @@ class TiffPlateSource:
                  channel_names=None, layout: str = "auto", columns: dict | None = None,
                  constants: dict | None = None, negative_controls=(), plate_maps=(), path_prefixes=(),
                  bit_depth_rule: str = "percentile", percentile=(0.1, 99.9), sample_sites: int = 8,
-                 max_value: int = 65535, shift: int = 8):
+                 max_value: int = 65535, shift: int = 8, num_workers: int = 0, progress: bool = False):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise CellrepError(f"TIFF root {self.root} does not exist or is not a directory",
@@ -110,6 +151,7 @@ class TiffPlateSource:
             raise CellrepError(f"unknown bit_depth_rule '{bit_depth_rule}'", fix=f"use one of {list(RULES)}")
         self.rule, self.percentile, self.sample_sites = bit_depth_rule, tuple(percentile), int(sample_sites)
         self.max_value, self.shift = int(max_value), int(shift)
+        self.num_workers, self.progress = int(num_workers), bool(progress)  # for compute_levels: not the result
         meta_path = self.root / metadata
         raw = _read_table(meta_path)
         digest = hashlib.sha256(meta_path.read_bytes())
@@ -134,8 +176,9 @@ class TiffPlateSource:
         self.fingerprint = digest.hexdigest()[:16]
 
     @classmethod
-    def from_config(cls, root, data_cfg) -> "TiffPlateSource":
-        """From a ``data`` config (data=tiff, data=jump_load_data); see ``cellrep.config.TiffConfig``."""
+    def from_config(cls, root, data_cfg, progress: bool = False) -> "TiffPlateSource":
+        """From a ``data`` config (data=tiff, data=jump_load_data); see ``cellrep.config.TiffConfig``.
+        ``data.shard_workers`` processes also compute the 16-bit percentile levels."""
         from omegaconf import OmegaConf
 
         def plain(v):
@@ -145,7 +188,8 @@ class TiffPlateSource:
         t = {k: plain(v) for k, v in (data_cfg.get("tiff") or {}).items()}
         return cls(root, metadata=data_cfg.get("metadata") or "metadata.csv", pattern=data_cfg.get("pattern"),
                    channel_names=plain(data_cfg.get("channel_names")), columns=plain(data_cfg.get("columns")),
-                   bit_depth_rule=plain(data_cfg.get("bit_depth_rule", "percentile")), **t)
+                   bit_depth_rule=plain(data_cfg.get("bit_depth_rule", "percentile")),
+                   num_workers=int(data_cfg.get("shard_workers") or 0), progress=progress, **t)
 
     # ------------------------------------------------------------- indexing
     def _problem(self, kind: str, item: str, detail: str = "") -> None:
@@ -313,45 +357,47 @@ class TiffPlateSource:
 
     # ------------------------------------------------------------- reading
     def _raw_planes(self, files: tuple[Path, ...]) -> list[np.ndarray]:
-        planes = []
-        for path in files:
-            try:
-                arr = read_tiff(path)
-            except Exception as exc:  # noqa: BLE001 — any decoding failure is this file's fault
-                raise UnreadableSite(f"{path} cannot be read: {type(exc).__name__}: {exc}") from None
-            n = len(self.channel_names)
-            if arr.ndim == 3 and len(files) == 1 and arr.shape[-1] == n and arr.shape[0] != n:
-                arr = np.moveaxis(arr, -1, 0)  # one page with contiguous samples (H×W×C)
-            planes += [arr] if arr.ndim == 2 else list(arr)
-        if self.channel_names and len(planes) != len(self.channel_names):
-            raise UnreadableSite(f"{files[0]} has {len(planes)} plane(s), expected {len(self.channel_names)} channels")
-        for k, p in enumerate(planes):
-            path = files[min(k, len(files) - 1)]
-            if p.dtype not in (np.uint8, np.uint16) or p.ndim != 2 or p.shape != planes[0].shape:
-                raise UnreadableSite(f"{path}: plane {p.dtype} {p.shape}; need 8/16-bit grayscale of one size")
-        return planes
+        return raw_planes(files, self.channel_names)
+
+    def _plate_sample(self, experiment: str, plate: int) -> list[tuple[Path, ...]]:
+        """The files of a fixed, evenly spaced sample of the plate's sites (``sample_sites`` of them)."""
+        if self._plate_rows is None:  # row positions per plate, in metadata order
+            self._plate_rows = self.metadata.groupby(["experiment", "plate"]).indices
+        on_plate = self._plate_rows[(experiment, plate)]
+        pick = on_plate[np.unique(np.linspace(0, len(on_plate) - 1, min(len(on_plate), self.sample_sites))
+                                  .round().astype(int))]
+        return [self._files[i] for i in pick]
 
     def _plate_levels(self, experiment: str, plate: int) -> list:
         """Percentile levels per channel of one plate from a fixed, evenly spaced sample of its sites."""
         key = f"{experiment}/{plate}"
         if key not in self._levels:
-            if self._plate_rows is None:  # row positions per plate, in metadata order
-                self._plate_rows = self.metadata.groupby(["experiment", "plate"]).indices
-            on_plate = self._plate_rows[(experiment, plate)]
-            pick = on_plate[np.unique(np.linspace(0, len(on_plate) - 1, min(len(on_plate), self.sample_sites))
-                                      .round().astype(int))]
-            values = [[] for _ in self.channel_names]
-            for i in pick:
-                try:
-                    planes = self._raw_planes(self._files[i])
-                except UnreadableSite:
-                    continue
-                for c, p in enumerate(planes):
-                    if p.dtype != np.uint8:  # ~2^18 pixels per site are plenty for a percentile
-                        values[c].append(p.ravel()[::max(p.size >> 18, 1)])
-            self._levels[key] = [tuple(float(x) for x in np.percentile(np.concatenate(v), self.percentile))
-                                 if v else None for v in values]
+            self._levels[key] = percentile_levels(self._plate_sample(experiment, plate), self.channel_names,
+                                                  self.percentile)
         return self._levels[key]
+
+    def compute_levels(self, num_workers: int | None = None, progress: bool | None = None) -> dict:
+        """Every plate's percentile levels, over ``num_workers`` processes (0: here), with a progress bar.
+
+        Each plate's levels depend only on its own sampled files, so the result is the same
+        for any number of workers."""
+        workers = self.num_workers if num_workers is None else int(num_workers)
+        show = self.progress if progress is None else progress
+        plates = [(e, int(p)) for e, p in self.metadata[["experiment", "plate"]].drop_duplicates()
+                  .itertuples(index=False) if f"{e}/{int(p)}" not in self._levels]
+        samples = [self._plate_sample(e, p) for e, p in plates]
+        with tqdm(total=len(plates), desc="16-bit percentile levels", unit="plate", disable=not show) as bar:
+            if workers > 0 and len(plates) > 1:
+                with ProcessPoolExecutor(min(workers, len(plates))) as pool:
+                    done = pool.map(percentile_levels, samples, repeat(self.channel_names), repeat(self.percentile))
+                    for (e, p), levels in zip(plates, done):
+                        self._levels[f"{e}/{p}"] = levels
+                        bar.update(1)
+            else:
+                for (e, p), sample in zip(plates, samples):
+                    self._levels[f"{e}/{p}"] = percentile_levels(sample, self.channel_names, self.percentile)
+                    bar.update(1)
+        return self._levels
 
     def _rule(self) -> dict:
         params = {"percentile": {"percentile": list(self.percentile), "sample_sites": self.sample_sites},
@@ -361,8 +407,7 @@ class TiffPlateSource:
     def describe(self) -> dict:
         """The reading rules for the manifest; computes every plate's levels (workers inherit them)."""
         if self.rule == "percentile":
-            for e, p in self.metadata[["experiment", "plate"]].drop_duplicates().itertuples(index=False):
-                self._plate_levels(e, int(p))
+            self.compute_levels()
         return {"reader": READER_VERSION, "layout": self.layout, "pattern": self.pattern, **self._rule(),
                 "levels": dict(self._levels) if self.rule == "percentile" else None, "plate_names": self.plate_names}
 
