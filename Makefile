@@ -19,8 +19,9 @@ test: install
 	$(PYTHON) -m pytest -q
 
 # CPU benchmarks (DESIGN §7, issue 7): prints the tables of docs/PERFORMANCE.md. Target: < 10 min on an
-# idle 2-core machine (not yet verified: ~20 min at load 9, see docs/PERFORMANCE.md).
-# Add QUICK=--quick for a seconds-long smoke run. The GPU script is separate: benchmarks/gpu_throughput.py.
+# idle 2-core machine; measured 5.6 min at load 3-6 on 2 shared cores (4 min CPU time), per-script
+# times in docs/PERFORMANCE.md. Add QUICK=--quick for a ~1 min smoke run.
+# The GPU script is separate: benchmarks/gpu_throughput.py.
 QUICK ?=
 bench:
 	$(PYTHON) benchmarks/encodings.py $(QUICK)

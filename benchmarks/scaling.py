@@ -6,7 +6,10 @@ The writer reads from an in-memory source (a few pre-generated 6×512×512 sites
 cycled), so the figure is the writer's own cost (npy encode, tar, exact
 stats, fsync'd atomic files), not PNG decoding. Shards hold ``--per-shard``
 sites, so a bigger dataset has proportionally more shards. The loader is the
-training stream (as in ``loader.py``) over each dataset at 1 and 2 workers.
+training stream (as in ``loader.py``) over each dataset at 1 and 2 workers, delivering uint8
+batches: the part that runs in the workers and scales with them. Normalization
+(``finish_batch``) runs once per batch on the device whatever the data size; ``loader.py``
+measures it.
 
     python benchmarks/scaling.py [--quick]
 """
@@ -54,10 +57,10 @@ class ArraySource:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--sizes", type=int, nargs="+", default=[32, 96, 288])
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 128, 512])
     p.add_argument("--per-shard", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batches", type=int, default=24)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     a = p.parse_args(argv)
@@ -76,14 +79,14 @@ def main(argv=None) -> None:
             dm = CellDataModule(out, SPLIT, batch_size=a.batch_size, num_workers=1, crop_size=256,
                                 shuffle_buffer=min(SHUFFLE_BUFFER, n))
             warm = -(-min(SHUFFLE_BUFFER, n) // a.batch_size) + 2
-            load = {w: median([rate(shard_loader(dm, w), a.batches, warm) for _ in range(a.repeats)])
+            load = {w: median([rate(shard_loader(dm, w, finish=False), a.batches, warm) for _ in range(a.repeats)])
                     for w in a.workers}
             rows.append([n, len(manifest["shards"]), write] + [load[w] for w in a.workers])
             print(f"# {n} sites done", flush=True)
     print(f"# machine: {machine()}")
     print(f"# writer: in-memory source, 1 process, {a.per_shard} sites/shard; loader: crop 256, batch "
           f"{a.batch_size}, {a.batches} timed batches, median of {a.repeats}")
-    print(table(["sites", "shards", "writer samples/s"] + [f"loader samples/s, {w} worker(s)" for w in a.workers],
+    print(table(["sites", "shards", "writer samples/s"] + [f"loader uint8 samples/s, {w} worker(s)" for w in a.workers],
                 rows))
 
 

@@ -110,12 +110,16 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 keeps the timing stable on a shared machine (idle OpenMP threads "
+                        "spin-wait for cores other jobs hold)")
     a = p.parse_args(argv)
     if a.quick:
         a.batch_size, a.crop, a.warmup, a.steps, a.repeats = 4, 32, 2, 3, 1
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     classes = 32
     batches = [{"image": torch.randn(a.batch_size, 6, a.crop, a.crop),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -55,8 +56,10 @@ def test_train_batches(tiny_shards):
     batches = list(loader)
     assert len(batches) == len(loader) == math.ceil(dm.split_counts["train"] / 4)
     for b in batches:
-        assert b["image"].shape == (4, 3, 12, 12) and b["image"].dtype == torch.float32
+        assert b["image"].shape == (4, 3, 12, 12) and b["image"].dtype == torch.uint8  # finished on the device
+        assert dm.finish_batch(b)["image"].dtype == torch.float32
         assert b["label"].dtype == torch.int64 and b["index"].dtype == torch.int64
+        assert torch.equal(b["plate"], torch.from_numpy(dm._plate_idx[b["index"].numpy()]))
         assert (dm.index["split"].to_numpy()[b["index"].numpy()] == "train").all()
         assert torch.equal(b["label"], torch.from_numpy(dm.index["label"].to_numpy()[b["index"].numpy()]))
     again = list(_dm(tiny_shards).train_dataloader())  # same seed → same stream
@@ -69,13 +72,50 @@ def test_train_batches(tiny_shards):
 def test_eval_batches_are_normalized_center_crops(tiny_shards, tiny_source, mode):
     dm = _dm(tiny_shards, normalization=mode)
     manifest = load_manifest(tiny_shards)
-    batch = next(iter(dm.test_dataloader()))
+    loader = dm.test_dataloader()
+    batch = loader.finish_batch(next(iter(loader)))
     for img, row in zip(batch["image"], batch["index"].tolist()):
         meta = dm.index.iloc[row]
         raw = center_crop(torch.from_numpy(tiny_source.images[meta["site_id"]]), 12)
         stats = {"plate_controls": manifest["plate_stats"][plate_key(meta["experiment"], meta["plate"])],
                  "global": manifest["global_stats"], "self": None}[mode]
-        torch.testing.assert_close(img, normalize(raw, mode, stats))
+        torch.testing.assert_close(img, normalize(raw, mode, stats), rtol=0, atol=1e-6 if mode == "self" else 0)
+
+
+@pytest.mark.parametrize("mode", ["plate_controls", "self", "global"])
+def test_batched_finish_equals_the_per_sample_path(tiny_shards, mode):
+    # before finish_batch, workers normalized each crop with its plate's manifest stats (per sample);
+    # the batched, on-device path must give the same values, for training crops and eval crops alike
+    dm = _dm(tiny_shards, normalization=mode)
+    manifest = load_manifest(tiny_shards)
+    batches = list(dm.train_dataloader())[:3] + list(dm.eval_dataloader("all"))
+    for batch in batches:
+        done = dm.finish_batch(batch)
+        assert done["image"].dtype == torch.float32 and torch.equal(done["index"], batch["index"])
+        for crop, img, row in zip(batch["image"], done["image"], batch["index"].tolist()):
+            meta = dm.index.iloc[row]
+            stats = {"plate_controls": manifest["plate_stats"][plate_key(meta["experiment"], meta["plate"])],
+                     "global": manifest["global_stats"], "self": None}[mode]
+            torch.testing.assert_close(img, normalize(crop, mode, stats), rtol=0, atol=1e-6 if mode == "self" else 0)
+        assert dm.finish_batch(done) is done  # finishing twice changes nothing
+
+
+def test_every_consumer_gets_the_same_normalized_batches(tiny_shards):
+    # Lightning (on_after_batch_transfer), the loaders' finish_batch (features.py) and dm.finish_batch agree
+    from cellrep.eval.features import extract_block_features
+    from cellrep.models.backbone import build_backbone
+
+    dm = _dm(tiny_shards)
+    raw = list(dm.eval_dataloader("val"))
+    by_hook = [dm.on_after_batch_transfer(b, 0) for b in raw]
+    by_loader = [dm.val_dataloader().finish_batch(b) for b in raw]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(by_hook, by_loader))
+    backbone = build_backbone("resnet18", in_chans=3)
+    direct = extract_block_features(backbone, dm.eval_dataloader("val"), [1], progress=False)
+    finished = extract_block_features(backbone, by_hook, [1], progress=False)
+    np.testing.assert_array_equal(direct.features["layer1"], finished.features["layer1"])
+    with pytest.raises(CellrepError, match="no finish_batch"):
+        extract_block_features(backbone, raw, [1], progress=False)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -132,6 +172,7 @@ def test_lightning_checkpoint_mid_epoch_resumes_the_data_stream(tiny_shards, tmp
             self.lin, self.seen, self.save_at = torch.nn.Linear(3, 5), [], save_at
 
         def training_step(self, batch, i):
+            assert batch["image"].dtype == torch.float32  # on_after_batch_transfer finished it
             self.seen.append((self.current_epoch, i, batch["index"].tolist()))
             return self.lin(batch["image"].mean((2, 3))).logsumexp(1).mean()
 
@@ -255,30 +296,42 @@ def test_ddp_two_processes_equal_batches_exact_eval(tiny_shards, tmp_path):
         assert sorted(seen) == sorted(ranks[0][f"{stage}_rows"]), f"{stage}: each sample exactly once"
 
 
-def test_npy_members_reads_every_sample_in_order_and_counts_bad_ones(tiny_shards, tmp_path):
-    # the train stream's own tar reader (faster than webdataset's stream mode, docs/PERFORMANCE.md)
-    from cellrep.data.datamodule import SkipCounter, _npy_members
+def test_shard_samples_are_views_in_tar_order_and_bad_ones_are_counted(tiny_shards, tmp_path):
+    # the train stream's reader: byte ranges from the index, sliced from a mapped shard (docs/PERFORMANCE.md)
+    from cellrep.data.datamodule import SkipCounter, _npy_header, _shard_samples
     from cellrep.data.shards import read_index
 
     index = read_index(tiny_shards)
     name = index["shard"].iloc[0]
     rows = index[index["shard"] == name]
-    got = list(_npy_members([str(tiny_shards / name)], SkipCounter(0)))
-    assert [s["__key__"] for s in got] == rows["key"].tolist()
+    shape, header = (3, 16, 16), _npy_header((3, 16, 16))
+    job = (rows.index.tolist(), rows["npy_offset"].tolist(), rows["npy_size"].tolist())
+    got = list(_shard_samples([(str(tiny_shards / name), *job)], SkipCounter(0), shape, header))
+    assert [r for r, _ in got] == rows.index.tolist()
     with open(tiny_shards / name, "rb") as f:
-        for s, off, size in zip(got, rows["npy_offset"], rows["npy_size"]):
+        for (_, img), off, size in zip(got, rows["npy_offset"], rows["npy_size"]):
             f.seek(int(off))
-            assert s["npy"] == f.read(int(size))
-    cut = tmp_path / name
+            data = f.read(int(size))
+            assert data[:len(header)] == header  # the writer's header: the zero-copy path is the one taken
+            assert not img.flags.owndata and np.array_equal(img, np.load(io.BytesIO(data)))
+    cut = tmp_path / name  # truncated inside the second sample; then a missing shard
     cut.write_bytes((tiny_shards / name).read_bytes()[:int(rows["npy_offset"].iloc[1]) + 100])
     counter = SkipCounter(5)
-    again = list(_npy_members([str(cut), str(tmp_path / "missing.tar")], counter))
-    assert [s["__key__"] for s in again] == rows["key"].tolist()[:1] and counter.count == 2
+    again = list(_shard_samples([(str(cut), *job), (str(tmp_path / "missing.tar"), *job)], counter, shape, header))
+    assert [r for r, _ in again] == rows.index.tolist()[:1] and counter.count == 2
+    garbled = tmp_path / f"g{name}"
+    data = bytearray((tiny_shards / name).read_bytes())
+    data[int(rows["npy_offset"].iloc[0]):int(rows["npy_offset"].iloc[0]) + 8] = b"garbage!"
+    garbled.write_bytes(bytes(data))
+    counter = SkipCounter(5)
+    again = list(_shard_samples([(str(garbled), *job)], counter, shape, header))
+    assert [r for r, _ in again] == rows.index.tolist()[1:] and counter.count == 1
 
 
-def test_worker_batches_arrive_normalized_from_shared_memory(tiny_shards):
+def test_worker_batches_arrive_from_shared_memory_as_in_process(tiny_shards):
     dm = _dm(tiny_shards, num_workers=1)
     ref = _dm(tiny_shards, num_workers=0)
     for a, b in zip(dm.train_dataloader(), ref.train_dataloader()):
-        torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
-        assert torch.equal(a["index"], b["index"])
+        assert a["image"].dtype == torch.uint8 and torch.equal(a["image"], b["image"])
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["plate"], b["plate"])
+        torch.testing.assert_close(dm.finish_batch(a)["image"], ref.finish_batch(b)["image"], rtol=0, atol=0)

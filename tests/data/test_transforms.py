@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from cellrep.data.transforms import center_crop, normalize, random_crop_flip_rot90
+from cellrep.data.transforms import (BatchNormalizer, center_crop, normalize, random_crop_flip_rot90,
+                                     random_crop_flip_rot90_view)
 from cellrep.errors import CellrepError
 
 
@@ -97,3 +99,41 @@ def test_normalize_in_place_matches_reference_and_leaves_input_alone():
     normalize(as_float, "self")
     normalize(as_float, "global", (mean[0], std[0]))
     assert torch.equal(as_float, before)
+
+
+def test_view_augmentation_equals_the_tensor_one_and_copies_nothing():
+    # the loader crops by strided numpy views (one copy, into the batch); same draws, same pixels
+    x = torch.randint(0, 256, (3, 20, 17), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    arr = x.numpy()
+    for seed in range(40):  # every flip/rotation combination occurs
+        ref = random_crop_flip_rot90(x, 9, torch.Generator().manual_seed(seed))
+        view = random_crop_flip_rot90_view(arr, 9, torch.Generator().manual_seed(seed))
+        assert np.shares_memory(view, arr)
+        assert np.array_equal(np.ascontiguousarray(view), ref.numpy())
+    with pytest.raises(CellrepError, match="crop size 18 does not fit images of 20×17"):
+        random_crop_flip_rot90_view(arr, 18)
+
+
+@pytest.mark.parametrize("mode", ["plate_controls", "global", "self"])
+def test_batch_normalizer_equals_per_sample_normalize(mode):
+    # the batched path (loader → finish_batch on the device) vs the per-sample one it replaced
+    gen = torch.Generator().manual_seed(3)
+    image = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    mean, std = torch.rand(4, 3, generator=gen) * 60, torch.rand(4, 3, generator=gen) * 9 + 0.5
+    plate = torch.tensor([3, 0, 0, 2, 1])
+    batch = {"image": image, "plate": plate, "index": torch.arange(5)}
+    out = BatchNormalizer(mode, mean, std)(batch)
+    assert out["image"].dtype == torch.float32 and out["index"] is batch["index"] and batch["image"] is image
+    for i in range(5):
+        stats = None if mode == "self" else (mean[plate[i]], std[plate[i]])
+        one = normalize(image[i], mode, stats)
+        torch.testing.assert_close(out["image"][i], one, rtol=0, atol=1e-6 if mode == "self" else 0)
+    assert BatchNormalizer(mode, mean, std)(out) is out  # already finished: unchanged
+
+
+def test_batch_normalizer_rejects_what_it_cannot_finish():
+    stats = torch.zeros(1, 3), torch.ones(1, 3)
+    with pytest.raises(CellrepError, match="unknown normalization"):
+        BatchNormalizer("zscore", *stats)
+    with pytest.raises(CellrepError, match="expected uint8 B×C×H×W"):
+        BatchNormalizer("global", *stats)({"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "plate": None})

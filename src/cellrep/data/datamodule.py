@@ -12,8 +12,12 @@ contiguous block per rank, each block into the same number of batches on
 every rank, and samples are read by byte offset from the index, so only the
 wanted members are read and the union over ranks is each site exactly once.
 
-Batches are ``{"image": float32 B×C×S×S, "label": int64 B, "index": int64 B}``;
-``index`` is the row of :attr:`CellDataModule.index` (any metadata).
+Loader batches are ``{"image": uint8 B×C×S×S, "label": int64 B, "index": int64 B, "plate": int64 B}``;
+``index`` is the row of :attr:`CellDataModule.index` (any metadata), ``plate`` the sample's row of
+normalization statistics. Workers ship uint8 crops (a quarter of float32's bytes, no float work on the
+CPU); :meth:`CellDataModule.finish_batch` turns ``image`` into the normalized float32 batch on the
+device, vectorized. Lightning runs it in ``on_after_batch_transfer``; anything that iterates the
+loaders itself calls it (or the loader's ``finish_batch``, the same function).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import cellrep  # noqa: F401  (before lightning imports torchvision)
 import io
 import logging
 import math
+import mmap
 import os
 import random
 import tarfile
@@ -38,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cellrep.data.shards import load_manifest, plate_key, read_index
 from cellrep.data.splits import assign_splits
-from cellrep.data.transforms import NORMALIZATIONS, center_crop, normalize, random_crop_flip_rot90
+from cellrep.data.transforms import NORMALIZATIONS, BatchNormalizer, center_crop, random_crop_flip_rot90_view
 from cellrep.errors import CellrepError
 
 log = logging.getLogger(__name__)
@@ -61,53 +66,103 @@ class SkipCounter:
         return True
 
 
-def _decode(data: bytes, shape: tuple) -> torch.Tensor:
-    arr = np.load(io.BytesIO(data), allow_pickle=False)
+def _npy_header(shape: tuple) -> bytes:
+    """The exact ``.npy`` header ``np.save`` (the shard writer) writes for a C-ordered uint8 array of ``shape``."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+def _decode(data, shape: tuple, header: bytes) -> np.ndarray:
+    """A sample's ``.npy`` bytes (any buffer: bytes, a memoryview of a mapped shard) → a C×H×W uint8 array.
+
+    When the bytes start with the header every shard sample has (``header``, see :func:`_npy_header`), the
+    array is a zero-copy view of ``data``: no header parsing, no 1.5 MB copy per sample. Anything else is
+    parsed by ``np.load``, which raises ``ValueError`` on garbage (then skipped and counted).
+    """
+    n = math.prod(shape)
+    view = memoryview(data)
+    if len(view) == len(header) + n and view[:len(header)] == header:
+        return np.frombuffer(view, np.uint8, count=n, offset=len(header)).reshape(shape)
+    arr = np.load(io.BytesIO(bytes(view)), allow_pickle=False)
     if arr.dtype != np.uint8 or arr.shape != shape:
         raise ValueError(f"sample is {arr.dtype} {arr.shape}, the manifest says uint8 {shape}")
-    return torch.from_numpy(arr)
+    return arr
 
 
-def _npy_members(urls, handler):
-    """``{"__key__", "npy"}`` for each ``.npy`` member of each shard in ``urls``, in tar order.
+def _map(path: str) -> mmap.mmap:
+    """A read-only mapping of a shard: samples are sliced out of the page cache with no read() copy.
 
-    Random-access tarfile mode reads a member with one ``read()``: ~3× faster than webdataset's
-    stream-mode reader, which copies each 1.5 MB member through Python in 10 KB chunks and was the
-    loader's largest cost (benchmarks/loader.py, docs/PERFORMANCE.md). Errors go to ``handler`` as
-    in webdataset: an unreadable (truncated) shard is counted once and abandoned at that point;
-    a member whose bytes are garbled but complete is caught later, by ``_decode``.
+    Shards are immutable once written (written to a temp name, then renamed), so a mapped file does not
+    shrink under the reader; one truncated *before* it is mapped is detected by :func:`_member_bytes`.
+    The mapping is unmapped when the last view of it is gone.
     """
-    for url in urls:
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # ValueError when the file is empty
+
+
+def _member_bytes(mapped: mmap.mmap, name: str, offset: int, size: int) -> memoryview:
+    if offset + size > len(mapped):
+        raise tarfile.ReadError(f"{name} is truncated: a sample ends at byte {offset + size}, "
+                                f"the file has {len(mapped)}")
+    return memoryview(mapped)[offset:offset + size]
+
+
+def _shard_samples(shards, handler, shape: tuple, header: bytes):
+    """``(row, C×H×W uint8 view)`` for each ``(path, rows, offsets, sizes)`` of ``shards`` (rows in tar
+    order, with their ``.npy`` byte ranges from the index), sliced from a mapping of the shard.
+
+    Errors go to ``handler`` (a :class:`SkipCounter`): an unreadable or truncated shard is counted once and
+    abandoned at that point, as a tar reader would; a member whose bytes are garbled is counted and skipped.
+    Replaces reading the tar member by member (webdataset's stream mode, then ``tarfile``): the index
+    already holds every member's offset, and a view costs no copy (docs/PERFORMANCE.md).
+    """
+    for path, rows, offsets, sizes in shards:
         try:
-            with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                for member in tar:
-                    if not (member.isfile() and member.name.endswith(".npy")):
-                        continue
-                    data = tar.extractfile(member).read()  # raises ReadError when truncated
-                    yield {"__key__": member.name[: -len(".npy")], "npy": data}
-        except (OSError, tarfile.TarError) as exn:
+            mapped = _map(path)
+        except (OSError, ValueError) as exn:
             handler(exn)
+            continue
+        for row, off, size in zip(rows, offsets, sizes):
+            try:
+                data = _member_bytes(mapped, path, off, size)
+            except tarfile.ReadError as exn:
+                handler(exn)
+                break
+            try:
+                yield row, _decode(data, shape, header)
+            except Exception as exn:  # noqa: BLE001 — a corrupt member is skipped and counted
+                handler(exn)
 
 
 class _Samples:
-    """What both streams share: per-row label/plate, normalization, collation."""
+    """What both streams share: per-row label/plate, the sample header, collation."""
 
     def __init__(self, dm: "CellDataModule"):
         self.shards_dir, self.shape, self.crop = str(dm.shards_dir), tuple(dm.image_shape), dm.crop_size
-        self.mode, self.batch_size, self.max_corrupt = dm.normalization, dm.batch_size, dm.max_corrupt
+        self.batch_size, self.max_corrupt = dm.batch_size, dm.max_corrupt
+        self.header = _npy_header(self.shape)
         self.label = dm.index["label"].to_numpy(np.int64)
         self.plate = dm._plate_idx
-        self.mean, self.std = dm._stats_mean, dm._stats_std
 
-    def collate(self, items: list[tuple[torch.Tensor, int]]) -> dict:
-        rows = np.array([r for _, r in items], dtype=np.int64)
-        plates = torch.from_numpy(self.plate[rows])  # global: every row points at stats 0
-        crops = torch.stack([x for x, _ in items])
-        # In a loader worker, normalize straight into shared memory: the DataLoader would otherwise copy
-        # the float batch (4× the uint8 bytes) into shared memory to send it (docs/PERFORMANCE.md).
-        out = torch.empty(crops.shape).share_memory_() if get_worker_info() is not None else None
-        image = normalize(crops, self.mode, (self.mean[plates], self.std[plates]), out=out)
-        return {"image": image, "label": torch.from_numpy(self.label[rows]), "index": torch.from_numpy(rows)}
+    def collate(self, items: list[tuple[int, np.ndarray]]) -> dict:
+        """uint8 batch: each sample's (strided) crop view is copied once, straight into the batch.
+
+        In a loader worker the batch lives in shared memory, so the DataLoader does not copy it again
+        to send it. Normalization happens later, on the device (:class:`BatchNormalizer`).
+        """
+        rows = np.fromiter((r for r, _ in items), dtype=np.int64, count=len(items))
+        shape = (len(items), self.shape[0], self.crop, self.crop)
+        if get_worker_info() is not None:  # allocated in shared memory, as torch's default_collate does
+            storage = torch.UntypedStorage._new_shared(math.prod(shape))
+            image = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        else:
+            image = torch.empty(shape, dtype=torch.uint8)
+        out = image.numpy()
+        for i, (_, crop) in enumerate(items):
+            out[i] = crop
+        return {"image": image, "label": torch.from_numpy(self.label[rows]), "index": torch.from_numpy(rows),
+                "plate": torch.from_numpy(self.plate[rows])}
 
 
 class TrainStream(IterableDataset):
@@ -117,7 +172,11 @@ class TrainStream(IterableDataset):
         self.s = _Samples(dm)
         idx = dm.index.iloc[rows]
         self.urls = sorted({os.path.join(self.s.shards_dir, n) for n in idx["shard"]})
-        self.keys = dict(zip(idx["key"], rows.tolist()))  # also the select stage: only this stage's keys
+        # per shard: this stage's rows in tar order (the select stage), with their byte ranges
+        self.members = {}
+        for name, g in idx.assign(row=rows).sort_values("npy_offset", kind="stable").groupby("shard", sort=False):
+            self.members[os.path.join(self.s.shards_dir, name)] = (
+                g["row"].tolist(), g["npy_offset"].astype(np.int64).tolist(), g["npy_size"].astype(np.int64).tolist())
         self.rank, self.seed, self.shuffle_buffer = rank, dm.seed, dm.shuffle_buffer
         self.num_batches = math.ceil(len(rows) / (dm.batch_size * world))
         self.state = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, batches to skip)
@@ -140,26 +199,14 @@ class TrainStream(IterableDataset):
         gen = torch.Generator().manual_seed(seed)
         errors = SkipCounter(self.s.max_corrupt)
         urls = (rng.choice(self.urls) for _ in iter(int, 1))  # resampled: endless
-        samples = _npy_members(urls, errors)
-        crops = self._augmented(samples, gen, errors)
-        # crop before shuffling so the buffer holds small uint8 crops
+        samples = _shard_samples(((u, *self.members[u]) for u in urls), errors, self.s.shape, self.s.header)
+        # crop before shuffling, as views: the buffer holds no pixel copies
+        crops = ((row, random_crop_flip_rot90_view(img, self.s.crop, gen)) for row, img in samples)
         stream = wds.filters._shuffle(crops, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
         for _ in range(skip_mine * self.s.batch_size):  # resume: replay the stream up to the saved position
             next(stream)
         for _ in range(mine - skip_mine):
             yield self.s.collate([next(stream) for _ in range(self.s.batch_size)])
-
-    def _augmented(self, samples, gen, errors):
-        for sample in samples:
-            row = self.keys.get(sample["__key__"])
-            if row is None or "npy" not in sample:
-                continue
-            try:
-                img = _decode(sample["npy"], self.s.shape)
-            except Exception as exn:  # noqa: BLE001 — a corrupt member is skipped and counted
-                errors(exn)
-                continue
-            yield random_crop_flip_rot90(img, self.s.crop, gen).contiguous(), row
 
 
 class EvalStream(IterableDataset):
@@ -186,39 +233,37 @@ class EvalStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, nw = (info.id, info.num_workers) if info else (0, 1)
-        errors, files = SkipCounter(self.s.max_corrupt), {}
-        try:
-            for batch in self.batches[worker::nw]:
-                items = []
-                for row in batch.tolist():
-                    try:
-                        img = _decode(self._read(files, row), self.s.shape)
-                    except Exception as exn:  # noqa: BLE001 — skipped and counted
-                        errors(exn)
-                        continue
-                    items.append((center_crop(img, self.s.crop), row))
-                if items:
-                    yield self.s.collate(items)
-        finally:
-            for fd in files.values():
-                os.close(fd)
+        errors, mapped = SkipCounter(self.s.max_corrupt), {}
+        for batch in self.batches[worker::nw]:
+            items = []
+            for row in batch.tolist():
+                try:
+                    img = _decode(self._read(mapped, row), self.s.shape, self.s.header)
+                except Exception as exn:  # noqa: BLE001 — skipped and counted
+                    errors(exn)
+                    continue
+                items.append((row, center_crop(img, self.s.crop)))
+            if items:
+                yield self.s.collate(items)
 
-    def _read(self, files: dict, row: int) -> bytes:
+    def _read(self, mapped: dict, row: int) -> memoryview:
         name = self.shard[row]
-        if name not in files:
-            files[name] = os.open(os.path.join(self.s.shards_dir, name), os.O_RDONLY)
-        data = os.pread(files[name], int(self.size[row]), int(self.offset[row]))
-        if len(data) != self.size[row]:
-            raise OSError(f"{name} is truncated (row {row})")
-        return data
+        if name not in mapped:
+            if len(mapped) >= 8:  # batches are contiguous rows: a few shards at a time
+                mapped.clear()  # a mapping closes when its last view is gone
+            mapped[name] = _map(os.path.join(self.s.shards_dir, name))
+        try:
+            return _member_bytes(mapped[name], name, int(self.offset[row]), int(self.size[row]))
+        except tarfile.ReadError as exn:
+            raise OSError(f"{exn} (row {row})") from None
 
 
 class EvalLoader:
     """A DataLoader over :class:`EvalStream` with a length (a plain iterable to Lightning, which
     therefore neither injects a sampler nor warns about sized IterableDatasets)."""
 
-    def __init__(self, stream: EvalStream, num_workers: int, pin_memory: bool):
-        self.stream = stream
+    def __init__(self, stream: EvalStream, num_workers: int, pin_memory: bool, finish_batch: BatchNormalizer):
+        self.stream, self.finish_batch = stream, finish_batch  # uint8 batch → normalized (see CellDataModule)
         self.loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, len(stream)),
                                  pin_memory=pin_memory, worker_init_fn=_one_thread)
 
@@ -238,8 +283,9 @@ class TrainLoader:
     training step that equals the steps done in this epoch.
     """
 
-    def __init__(self, stream: TrainStream, num_workers: int, persistent_workers: bool, pin_memory: bool):
-        self.stream = stream
+    def __init__(self, stream: TrainStream, num_workers: int, persistent_workers: bool, pin_memory: bool,
+                 finish_batch: BatchNormalizer):
+        self.stream, self.finish_batch = stream, finish_batch  # uint8 batch → normalized (see CellDataModule)
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                  persistent_workers=persistent_workers and num_workers > 0,
                                  worker_init_fn=_one_thread)
@@ -356,6 +402,20 @@ class CellDataModule(L.LightningDataModule):
             self._plate_idx = np.array([pos[k] for k in keys], dtype=np.int64)
         self._stats_mean = torch.tensor([s["mean"] for s in stats], dtype=torch.float32).view(-1, c)
         self._stats_std = torch.tensor([s["std"] for s in stats], dtype=torch.float32).view(-1, c)
+        self._finisher = BatchNormalizer(self.normalization, self._stats_mean, self._stats_std)
+
+    def finish_batch(self, batch: dict) -> dict:
+        """A loader batch (uint8 ``image``, on any device) → the same batch with a float32 normalized image.
+
+        Lightning calls it after moving each batch to the device (:meth:`on_after_batch_transfer`); code
+        that iterates this module's loaders itself calls it too (or the loader's ``finish_batch``, the
+        same function), so every consumer sees the same values: per-sample :func:`normalize` with the
+        sample's plate statistics (DESIGN §2 Normalization), computed once per batch on the device.
+        """
+        return self._finisher(batch)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return self.finish_batch(batch)
 
     def _dist(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -368,7 +428,7 @@ class CellDataModule(L.LightningDataModule):
     def train_dataloader(self) -> TrainLoader:
         rank, world = self._dist()
         stream = TrainStream(self, self._stage_rows["train"], rank, world)
-        return TrainLoader(stream, self.num_workers, self.persistent_workers, self.pin_memory)
+        return TrainLoader(stream, self.num_workers, self.persistent_workers, self.pin_memory, self._finisher)
 
     def eval_dataloader(self, stage: str = "test") -> EvalLoader:
         """Exact loader over ``stage`` ("train", "val", "test" or "all"), center crops, no augmentation."""
@@ -376,7 +436,7 @@ class CellDataModule(L.LightningDataModule):
             raise CellrepError(f"unknown stage '{stage}'", fix=f"use one of {list(self._stage_rows)}")
         rank, world = self._dist()
         return EvalLoader(EvalStream(self, self._stage_rows[stage], rank, world), self.num_workers,
-                          self.pin_memory)
+                          self.pin_memory, self._finisher)
 
     def val_dataloader(self) -> EvalLoader:
         return self.eval_dataloader("val")

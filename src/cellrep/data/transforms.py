@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from cellrep.errors import CellrepError
@@ -72,16 +73,73 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top:top + size, left:left + size]
 
 
+def _draw(h: int, w: int, size: int, generator: torch.Generator | None) -> tuple[int, int, bool, bool, int]:
+    """(top, left, flip W, flip H, quarter turns) of one random crop; the only draw from ``generator``."""
+    r = torch.randint(0, 1 << 30, (5,), generator=generator).tolist()
+    return r[0] % (h - size + 1), r[1] % (w - size + 1), bool(r[2] % 2), bool(r[3] % 2), r[4] % 4
+
+
 def random_crop_flip_rot90(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random size×size crop, random horizontal/vertical flip, random k·90° rotation."""
     _check_size(x, size)
-    h, w = x.shape[-2:]
-    r = torch.randint(0, 1 << 30, (5,), generator=generator).tolist()
-    top, left = r[0] % (h - size + 1), r[1] % (w - size + 1)
+    top, left, flip_w, flip_h, k = _draw(*x.shape[-2:], size, generator)
     x = x[..., top:top + size, left:left + size]
-    if r[2] % 2:
+    if flip_w:
         x = x.flip(-1)
-    if r[3] % 2:
+    if flip_h:
         x = x.flip(-2)
-    k = r[4] % 4
     return torch.rot90(x, k, dims=(-2, -1)) if k else x
+
+
+def random_crop_flip_rot90_view(x: np.ndarray, size: int, generator: torch.Generator | None = None) -> np.ndarray:
+    """:func:`random_crop_flip_rot90` of a numpy C×H×W array as a strided *view* (no pixel is copied).
+
+    Same draws from ``generator`` and the same pixels: torch's flip/rot90 follow numpy's conventions,
+    but torch copies at each step, while numpy flips and rotates by strides. The loader copies the view
+    once, straight into its batch (docs/PERFORMANCE.md).
+    """
+    _check_size(x, size)
+    top, left, flip_w, flip_h, k = _draw(*x.shape[-2:], size, generator)
+    x = x[..., top:top + size, left:left + size]
+    if flip_w:
+        x = x[..., ::-1]
+    if flip_h:
+        x = x[..., ::-1, :]
+    return np.rot90(x, k, axes=(-2, -1)) if k else x
+
+
+class BatchNormalizer:
+    """Finishes a loader batch: uint8 ``image`` → float32 normalized, on whatever device it is on.
+
+    The loader's workers hand out uint8 crops and each sample's row of statistics (``plate``, a row
+    of ``mean``/``std``, [P, C]); one vectorized :func:`normalize` over the whole batch then runs
+    after the batch reached the device (``CellDataModule.on_after_batch_transfer``), so workers never
+    write or ship float pixels (4× the bytes). Values equal per-sample :func:`normalize` with that
+    sample's statistics. A batch whose image is already floating point is returned as is, so
+    finishing twice is harmless.
+    """
+
+    def __init__(self, mode: str, mean: torch.Tensor, std: torch.Tensor):
+        if mode not in NORMALIZATIONS:
+            raise CellrepError(f"unknown normalization '{mode}'", fix=f"use one of {list(NORMALIZATIONS)}")
+        self.mode, self.mean, self.std = mode, mean.float(), std.float()
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on:  # a few hundred floats, copied once per device
+            self._on[device] = (self.mean.to(device), self.std.to(device))
+        return self._on[device]
+
+    def __call__(self, batch: dict) -> dict:
+        image = batch["image"]
+        if image.is_floating_point():
+            return batch
+        if image.dtype != torch.uint8 or image.ndim != 4:
+            raise CellrepError(f"batch image is {image.dtype} {tuple(image.shape)}; expected uint8 B×C×H×W",
+                               fix="pass batches of CellDataModule's loaders (they carry uint8 crops)")
+        stats = None
+        if self.mode != "self":
+            mean, std = self._stats(image.device)
+            plate = batch["plate"].to(image.device, non_blocking=True)
+            stats = (mean[plate], std[plate])
+        return {**batch, "image": normalize(image, self.mode, stats)}

@@ -82,16 +82,29 @@ def extract_block_features(backbone: nn.Module, loader, blocks: list[int] | None
                            device: str | torch.device = "cpu", progress: bool = True) -> BlockFeatures:
     """Run ``backbone`` once over ``loader`` (batches of ``{"image", "index"}``), pooling each block.
 
+    A loader with a ``finish_batch`` (every CellDataModule loader) has each batch finished on ``device``
+    (uint8 → normalized float32); any other loader must yield float images.
+
     ``blocks=None`` records every block; otherwise only those indices (and the
     pass stops after the deepest one). Rows come back sorted.
     """
     names = block_names(backbone)
     wanted = list(range(len(names))) if blocks is None else sorted({int(b) for b in blocks})
     backbone = backbone.eval().to(device)
+    # CellDataModule loaders hand out uint8 crops; their finish_batch normalizes on the device, exactly
+    # as Lightning's on_after_batch_transfer does in training (cellrep.data.datamodule)
+    finish = getattr(loader, "finish_batch", None)
     rows, chunks = [], [[] for _ in wanted]
     for batch in tqdm(loader, desc=f"features ({len(wanted)} blocks, one pass)", disable=not progress,
                       total=len(loader) if hasattr(loader, "__len__") else None):
-        feats = pooled_block_features(backbone, batch["image"].to(device), None if blocks is None else wanted)
+        images = batch["image"].to(device)
+        if finish is not None:
+            images = finish({**batch, "image": images})["image"]
+        elif not images.is_floating_point():
+            raise CellrepError(f"the loader yields {images.dtype} images and has no finish_batch to normalize them",
+                               fix="pass a CellDataModule loader (dm.eval_dataloader(...)), or normalized float "
+                                   "batches (dm.finish_batch(batch))")
+        feats = pooled_block_features(backbone, images, None if blocks is None else wanted)
         for store, f in zip(chunks, feats):
             store.append(f.float().cpu().numpy())
         rows.append(np.asarray(batch["index"]))
