@@ -45,6 +45,7 @@ class SyntheticScreenConfig:
     effect_strength: float = 1.0
     batch_effect_strength: float = 1.0
     module_similarity: float = 0.6  # cosine between phenotypes of two genes of one module
+    gene_groups: int = 1  # >=2: plate p holds gene group (p-1) mod gene_groups (RxRx1-style plate groups)
 
 
 @dataclass
@@ -98,12 +99,16 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)  # tiff: canonical column -> metadata column
     bit_depth_rule: BitDepthRule = BitDepthRule.percentile  # tiff: 16->8 bit rule, recorded in the manifest
     max_bad_fraction: float = 0.01  # sharding fails when more of the input is bad (cellrep.data.shards)
+    max_corrupt: int = 100  # training stops after more corrupt shard members were skipped (DESIGN §7)
     tiff: Optional[TiffConfig] = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise CellrepError(f"data.max_bad_fraction={self.max_bad_fraction} is not a fraction",
                                fix="use 0 (no bad input tolerated) .. 1; default 0.01")
+        if self.max_corrupt < 0:
+            raise CellrepError(f"data.max_corrupt={self.max_corrupt} is negative",
+                               fix="use 0 (stop at the first corrupt shard member) or more; default 100")
 
 
 @dataclass
@@ -131,6 +136,9 @@ class ModelConfig:
     img_size: Optional[int] = None  # ViTs: the input size (defaults to data.crop_size)
     drop_path_rate: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    # cell-type context vectors (cellrep.knowledge.context): a CSV cell_type,v0,v1,...; "synthetic": derived
+    # from the synthetic screen's generator; null: none. ViTs get an extra token, CNNs FiLM on pooled features.
+    context_path: Optional[str] = None
 
     def __post_init__(self) -> None:
         from cellrep.models.backbone import check_model_name
@@ -161,9 +169,23 @@ class TaskConfig:
     init_from: Optional[str] = None  # checkpoint whose encoder starts the backbone (keys checked exactly)
     monitor: str = "val/acc"  # the metric that picks checkpoints/best.ckpt
     monitor_mode: str = "max"
+    # knowledge-graph prior (DESIGN §6, cellrep.tasks.graph_loss)
+    graph_loss: str = "none"  # none | graph_contrastive | laplacian
+    graph_weight: float = 0.1
+    graph_temperature: float = 0.1
+    graph_path: str = "StringDB"  # a shipped annotation name, or a STRING / Hetionet / entity1,entity2 file
+    graph_nodes: Optional[str] = None  # node table mapping ids to symbols (Hetionet nodes.tsv, STRING protein.info)
+    # de novo protocol (split=cell_type, split.shots=k; cellrep.knowledge.fewshot): after training on the other
+    # cell types, fine-tune this many epochs on the k shots of the held-out type; 0: one joint fit (shots in train)
+    finetune_epochs: int = 0
+    finetune_base_lr: Optional[float] = None  # null: optimizer.base_lr
 
     def __post_init__(self) -> None:
         _check_init_from(self.init_from)
+        _check_graph(self.graph_loss, self.graph_weight, self.graph_temperature)
+        if self.finetune_epochs < 0:
+            raise CellrepError(f"task.finetune_epochs={self.finetune_epochs} is negative",
+                               fix="use 0 (no fine-tuning phase) or a positive number of epochs")
 
 
 @dataclass
@@ -184,8 +206,15 @@ class MAETaskConfig:
     reconstructions_every_n_steps: int = 500  # masked/reconstruction/target images to the loggers; 0 = off
     monitor: str = "val/loss"
     monitor_mode: str = "min"
+    # knowledge-graph prior on the pooled encoder features (see TaskConfig)
+    graph_loss: str = "none"
+    graph_weight: float = 0.1
+    graph_temperature: float = 0.1
+    graph_path: str = "StringDB"
+    graph_nodes: Optional[str] = None
 
     def __post_init__(self) -> None:
+        _check_graph(self.graph_loss, self.graph_weight, self.graph_temperature)
         if not 0.0 < self.mask_ratio < 1.0:
             raise CellrepError(f"task.mask_ratio={self.mask_ratio} leaves nothing to see or nothing to predict",
                                fix="use 0 < task.mask_ratio < 1 (0.75 in the MAE papers)")
@@ -194,6 +223,16 @@ class MAETaskConfig:
         if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
             raise CellrepError(f"task.decoder_dim={self.decoder_dim} must be divisible by decoder_heads="
                                f"{self.decoder_heads} and by 4 (sin-cos positions)", fix="e.g. decoder_dim=512")
+
+
+def _check_graph(name: str, weight: float, temperature: float) -> None:
+    from cellrep.tasks.graph_loss import GRAPH_LOSSES
+
+    if name not in GRAPH_LOSSES:
+        raise CellrepError(f"unknown task.graph_loss '{name}'", fix=f"use one of {list(GRAPH_LOSSES)}")
+    if weight < 0 or temperature <= 0:
+        raise CellrepError(f"task.graph_weight={weight} / task.graph_temperature={temperature} out of range",
+                           fix="use graph_weight >= 0 and graph_temperature > 0 (0.1 in DESIGN §6)")
 
 
 def _check_init_from(path: Optional[str]) -> None:

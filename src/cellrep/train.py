@@ -18,6 +18,8 @@ from cellrep.cli import exit_on_user_error, register_resolvers
 from cellrep.config import register_configs, to_schema
 from cellrep.data.datamodule import CellDataModule
 from cellrep.data.prepare import ensure_shards
+from cellrep.knowledge import fewshot
+from cellrep.knowledge.inputs import context_inputs, graph_inputs
 from cellrep.report import run_report
 from cellrep.resume import attach_wandb_identity, job_environment, pin_ddp_children, resume_checkpoint
 from cellrep.rundir import RunDir
@@ -39,16 +41,27 @@ def build_datamodule(cfg: DictConfig, shards_dir) -> CellDataModule:
         shards_dir, split=split, batch_size=data.batch_size, num_workers=data.num_workers,
         crop_size=data.crop_size, normalization=data.normalization.name, label_column=data.label_column,
         expected_channels=len(channels) if channels else None, seed=cfg.seed,
+        max_corrupt=data.get("max_corrupt", 100),
     )
 
 
 def build_task(cfg: DictConfig, dm: CellDataModule) -> L.LightningModule:
-    """The LightningModule named by ``task.name``: ``mae`` pretraining or ``supervised`` classification."""
+    """The LightningModule named by ``task.name``: ``mae`` pretraining or ``supervised`` classification.
+
+    Knowledge priors (DESIGN §6): ``task.graph_loss`` gets the perturbation graph over ``dm.class_names``,
+    ``model.context_path`` a context vector per cell type; ``task.graph_report`` says which perturbations
+    the graph lacks (it goes into metrics.json).
+    """
+    graph, graph_report = graph_inputs(cfg.task, dm.class_names)
     if cfg.task.name == "mae":
         options = OmegaConf.to_container(cfg.task, resolve=True)
-        for key in ("name", "monitor", "monitor_mode"):  # read by the config, not the module
-            options.pop(key)
-        return MAETask(model=OmegaConf.to_container(cfg.model, resolve=True), in_chans=dm.in_chans, **options)
+        for key in ("name", "monitor", "monitor_mode", "graph_path", "graph_nodes"):  # read here, not by the module
+            options.pop(key, None)
+        context_inputs(cfg, [])  # MAE takes no context: says so if one is configured
+        task = MAETask(model=OmegaConf.to_container(cfg.model, resolve=True), in_chans=dm.in_chans,
+                       **{**options, **graph})
+        task.graph_report = graph_report
+        return task
     cell_types = sorted(dm.index["cell_type"].unique())
     group_of_index = torch.tensor(dm.index["cell_type"].map({c: i for i, c in enumerate(cell_types)}).to_numpy())
     task = SupervisedTask(
@@ -56,7 +69,9 @@ def build_task(cfg: DictConfig, dm: CellDataModule) -> L.LightningModule:
         optimizer=OmegaConf.to_container(cfg.task.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.task.scheduler, resolve=True),
         label_smoothing=cfg.task.label_smoothing, group_names=cell_types, group_of_index=group_of_index,
+        context_table=context_inputs(cfg, cell_types), **graph,
     )
+    task.graph_report = graph_report
     if cfg.task.get("init_from"):
         fresh = load_encoder(task.backbone, cfg.task.init_from)
         log.info("backbone from %s (left at initialization: %s)", cfg.task.init_from, ", ".join(fresh) or "nothing")
@@ -74,6 +89,7 @@ def describe_test_set(cfg: DictConfig) -> str:
 
 def train(cfg: DictConfig) -> float | None:
     to_schema(cfg)
+    fewshot.check_protocol(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run = RunDir(cfg.paths.output_dir)
     version = run.write_provenance(cfg)
@@ -87,16 +103,23 @@ def train(cfg: DictConfig) -> float | None:
     callbacks = instantiate_all(cfg.get("callbacks"))
     attach_wandb_identity(cfg, run.path)  # a resumed run logs into the same wandb run
     loggers = instantiate_all(cfg.get("logger"))
+    plugins = [AtomicCheckpointIO()]
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks,
-                        logger=loggers or False, plugins=[AtomicCheckpointIO()])
+                        logger=loggers or False, plugins=plugins)
     for logger in loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "code": version})
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    denovo = fewshot.finetune_epochs(cfg) > 0  # de novo protocol: other cell types first, the shots after
+    fit_data = fewshot.with_train_rows(datamodule, fewshot.phase_rows(datamodule, cfg.split.holdout)[0]) \
+        if denovo else datamodule
+    trainer.fit(model, datamodule=fit_data, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     for cb in callbacks:
         metrics.update(getattr(cb, "summary", {}))  # throughput, parameter counts
-    if cfg.test:
+    metrics.update(getattr(model, "graph_report", {}))
+    if denovo and cfg.test:
+        metrics.update(fewshot.finetune_and_test(cfg, model, datamodule, trainer, run.path, plugins))
+    elif cfg.test:
         has_best = any(getattr(cb, "best_model_path", "") for cb in trainer.checkpoint_callbacks)
         trainer.test(model, datamodule=datamodule, ckpt_path="best" if has_best else None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})

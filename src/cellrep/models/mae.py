@@ -36,6 +36,7 @@ from cellrep.models.vit import fix_pos_embed_to_sincos, patch_size_of, sincos_po
 class MAEOutput:
     pred: torch.Tensor  # B×L×K predicted pixels of every token (in the loss's target space)
     mask: torch.Tensor  # B×L, 1 where the token was hidden from the encoder
+    latent: Optional[torch.Tensor] = None  # B×(prefix+visible)×D encoder output (graph losses pool it)
 
 
 def random_masking(num_tokens: int, keep: int, batch: int, device, generator: Optional[torch.Generator] = None):
@@ -159,4 +160,4 @@ class MaskedAutoencoder(nn.Module):
         _, C, H, W = images.shape
         grid = (H // self.patch_size, W // self.patch_size)
         pred = self.decoder(latent, ids_restore, grid, C if self.channel_agnostic else 1, self.grad_checkpointing)
-        return MAEOutput(pred=pred, mask=mask)
+        return MAEOutput(pred=pred, mask=mask, latent=latent)

@@ -16,6 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from cellrep.callbacks.reconstructions import ReconstructionImages
 from cellrep.models.backbone import build_backbone
 from cellrep.models.mae import MaskedAutoencoder
+from cellrep.errors import CellrepError
+from cellrep.tasks.graph_loss import graph_loss
 from cellrep.tasks.mae_loss import mae_loss
 from cellrep.tasks.optim import configure_optimizers
 from cellrep.tasks.supervised import NonFiniteLossError
@@ -39,9 +41,21 @@ class MAETask(L.LightningModule):
         grad_checkpointing: bool = False,
         compile: bool = False,
         reconstructions_every_n_steps: int = 500,
+        graph_loss: str = "none",
+        graph_weight: float = 0.0,
+        graph_temperature: float = 0.1,
+        graph_weights: Optional[torch.Tensor] = None,
+        graph_present: Optional[torch.Tensor] = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["graph_weights", "graph_present"])
+        if graph_loss != "none":
+            if graph_weights is None or graph_present is None:
+                raise CellrepError(f"task.graph_loss={graph_loss} needs the perturbation graph",
+                                   fix="build the task through cellrep-train (task.graph_path)")
+            self.register_buffer("graph_weights", torch.as_tensor(graph_weights, dtype=torch.float32),
+                                 persistent=False)
+            self.register_buffer("graph_present", torch.as_tensor(graph_present, dtype=torch.bool), persistent=False)
         encoder = build_backbone(
             model["name"], in_chans=in_chans, num_classes=0, img_size=model.get("img_size"),
             drop_path_rate=model.get("drop_path_rate", 0.0), **dict(model.get("kwargs") or {}),
@@ -54,10 +68,19 @@ class MAETask(L.LightningModule):
             for block in [*self.mae.encoder.blocks, *self.mae.decoder.blocks]:
                 block.compile()
 
-    def forward(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, generator: Optional[torch.Generator] = None,
+                labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """MAE losses; with ``labels`` and a ``graph_loss``, also the graph loss on the pooled encoder
+        features (mean of the visible patch tokens), added to ``loss`` with ``graph_weight``."""
         out = self.mae(images, self.hparams.mask_ratio, generator)
-        return mae_loss(out.pred, self.mae.patchify(images), out.mask, self.mae.patch_size,
-                        norm_pix=self.hparams.norm_pix_loss, fourier_weight=self.hparams.fourier_weight)
+        losses = mae_loss(out.pred, self.mae.patchify(images), out.mask, self.mae.patch_size,
+                          norm_pix=self.hparams.norm_pix_loss, fourier_weight=self.hparams.fourier_weight)
+        if labels is not None and self.hparams.graph_loss != "none":
+            pooled = out.latent[:, self.mae.num_prefix_tokens:].mean(dim=1)
+            losses["graph"] = graph_loss(self.hparams.graph_loss, pooled, labels, self.graph_weights,
+                                         self.graph_present, self.hparams.graph_temperature)
+            losses["loss"] = losses["loss"] + self.hparams.graph_weight * losses["graph"]
+        return losses
 
     def on_fit_start(self) -> None:
         enc, dec = (sum(p.numel() for p in m.parameters()) for m in (self.mae.encoder, self.mae.decoder))
@@ -71,7 +94,7 @@ class MAETask(L.LightningModule):
                            f"parameters; Fourier weight {self.hparams.fourier_weight:g}")
 
     def training_step(self, batch, batch_idx):
-        losses = self(batch["image"])
+        losses = self(batch["image"], labels=batch.get("label"))
         if not torch.isfinite(losses["loss"]):
             raise NonFiniteLossError(
                 f"MAE loss became {losses['loss'].item()} at step {self.global_step} "
