@@ -335,3 +335,15 @@ def test_worker_batches_arrive_from_shared_memory_as_in_process(tiny_shards):
         assert a["image"].dtype == torch.uint8 and torch.equal(a["image"], b["image"])
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["plate"], b["plate"])
         torch.testing.assert_close(dm.finish_batch(a)["image"], ref.finish_batch(b)["image"], rtol=0, atol=0)
+
+
+def test_with_train_rows_trains_on_exactly_those_rows_and_keeps_eval(tiny_shards):
+    dm = _dm(tiny_shards)
+    rows = dm._stage_rows["train"][::2]
+    view = dm.with_train_rows(rows)
+    seen = _indices(list(view.train_dataloader()))
+    assert set(seen.tolist()) <= set(rows.tolist()) and len(seen) >= len(rows)
+    assert np.array_equal(_indices(list(view.val_dataloader())), _indices(list(dm.val_dataloader())))
+    assert len(dm.train_dataloader().stream) > len(view.train_dataloader().stream)  # the original is untouched
+    with pytest.raises(CellrepError, match="no sites"):
+        dm.with_train_rows(np.array([], dtype=np.int64))

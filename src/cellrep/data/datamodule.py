@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import cellrep  # noqa: F401  (before lightning imports torchvision)
 
+import copy
 import io
 import logging
 import math
@@ -384,6 +385,17 @@ class CellDataModule(L.LightningDataModule):
         self._set_stats(index)
         log.info("data: %d sites, %d classes, %d channels; split %s: %s", len(index), self.num_classes,
                  self.in_chans, self.split.get("name"), self.split_counts)
+
+    def with_train_rows(self, rows: np.ndarray) -> "CellDataModule":
+        """A shallow copy whose training stage is ``rows`` (rows of ``self.index``); validation and
+        test unchanged. Shares index, statistics and shards (the de novo protocol trains in phases)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            raise CellrepError("a training phase has no sites",
+                               fix="check split.holdout and split.shots (each phase needs training sites)")
+        view = copy.copy(self)
+        view._stage_rows = {**self._stage_rows, "train": rows}
+        return view
 
     def _set_stats(self, index: pd.DataFrame) -> None:
         c = self.in_chans

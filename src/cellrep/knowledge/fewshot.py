@@ -20,7 +20,6 @@ shots mixed into the training set), as before.
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -57,22 +56,6 @@ def check_protocol(cfg: DictConfig) -> None:
                                "with the protocol")
 
 
-def with_train_rows(dm: CellDataModule, rows: np.ndarray) -> CellDataModule:
-    """A shallow copy of ``dm`` whose training stage is ``rows`` (validation and test unchanged).
-
-    The copy shares the index, statistics and shards; only the row set of the
-    training loader differs. (It sets the DataModule's per-stage row table: the
-    DataModule has no public way to train on a subset of its rows.)
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) == 0:
-        raise CellrepError("the de novo protocol found no training sites for a phase",
-                           fix="check split.holdout and split.shots (the other cell types need training sites)")
-    view = copy.copy(dm)
-    view._stage_rows = {**dm._stage_rows, "train": rows}
-    return view
-
-
 def phase_rows(dm: CellDataModule, holdout: str) -> tuple[np.ndarray, np.ndarray]:
     """(training rows of the other cell types, the held-out type's shot rows)."""
     train = (dm.index["split"] == "train").to_numpy()
@@ -88,7 +71,7 @@ def _test(trainer: L.Trainer, model: L.LightningModule, dm: CellDataModule, pref
 
 def finetune_and_test(cfg: DictConfig, model: L.LightningModule, dm: CellDataModule, trainer: L.Trainer,
                       run_dir: Path, plugins: list) -> dict[str, Any]:
-    """Steps 2–4 of the protocol (the caller did step 1 on :func:`with_train_rows`)."""
+    """Steps 2–4 of the protocol (the caller did step 1 on ``dm.with_train_rows``)."""
     best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.best_model_path), None)
     if best:
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
@@ -105,7 +88,7 @@ def finetune_and_test(cfg: DictConfig, model: L.LightningModule, dm: CellDataMod
                    default_root_dir=str(run_dir))
     log.info("de novo protocol: fine-tuning %d epochs on %d shot sites of %s", epochs, len(shots), cfg.split.holdout)
     tuner = L.Trainer(**options, logger=False, callbacks=[], plugins=plugins)
-    tuner.fit(model, datamodule=with_train_rows(dm, shots))
+    tuner.fit(model, datamodule=dm.with_train_rows(shots))
     tuner.save_checkpoint(run_dir / "checkpoints" / "finetuned.ckpt")
     metrics.update(_test(tuner, model, dm, "test/"))
     metrics.update(finetune_epochs=epochs, shot_sites=int(len(shots)), holdout=str(cfg.split.holdout),
