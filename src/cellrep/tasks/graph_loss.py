@@ -42,6 +42,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from cellrep.errors import CellrepError
+
 GRAPH_LOSSES = ("none", "graph_contrastive", "laplacian")
 
 
@@ -101,3 +103,15 @@ def graph_loss(name: str, x: torch.Tensor, y: torch.Tensor, weights: torch.Tenso
     if name == "laplacian":
         return laplacian_loss(x, y, weights, present)
     raise ValueError(f"unknown graph loss '{name}' (expected one of {GRAPH_LOSSES})")
+
+
+def register_graph(module: torch.nn.Module, name: str, weights, present) -> None:
+    """Attach the perturbation graph to a task as non-persistent buffers (they follow the device,
+    stay out of checkpoints) when a graph loss is configured."""
+    if name == "none":
+        return
+    if weights is None or present is None:
+        raise CellrepError(f"task.graph_loss={name} needs the perturbation graph",
+                           fix="build the task through cellrep-train (task.graph_path)")
+    module.register_buffer("graph_weights", torch.as_tensor(weights, dtype=torch.float32), persistent=False)
+    module.register_buffer("graph_present", torch.as_tensor(present, dtype=torch.bool), persistent=False)

@@ -16,8 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from cellrep.callbacks.reconstructions import ReconstructionImages
 from cellrep.models.backbone import build_backbone
 from cellrep.models.mae import MaskedAutoencoder
-from cellrep.errors import CellrepError
-from cellrep.tasks.graph_loss import graph_loss
+from cellrep.tasks.graph_loss import graph_loss, register_graph
 from cellrep.tasks.mae_loss import mae_loss
 from cellrep.tasks.optim import configure_optimizers
 from cellrep.tasks.supervised import NonFiniteLossError
@@ -49,13 +48,7 @@ class MAETask(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["graph_weights", "graph_present"])
-        if graph_loss != "none":
-            if graph_weights is None or graph_present is None:
-                raise CellrepError(f"task.graph_loss={graph_loss} needs the perturbation graph",
-                                   fix="build the task through cellrep-train (task.graph_path)")
-            self.register_buffer("graph_weights", torch.as_tensor(graph_weights, dtype=torch.float32),
-                                 persistent=False)
-            self.register_buffer("graph_present", torch.as_tensor(graph_present, dtype=torch.bool), persistent=False)
+        register_graph(self, graph_loss, graph_weights, graph_present)
         encoder = build_backbone(
             model["name"], in_chans=in_chans, num_classes=0, img_size=model.get("img_size"),
             drop_path_rate=model.get("drop_path_rate", 0.0), **dict(model.get("kwargs") or {}),

@@ -13,7 +13,7 @@ import torchmetrics
 from cellrep.errors import CellrepError
 from cellrep.models.backbone import build_backbone
 from cellrep.models.context import CellTypeContext, classify, pooled_features, takes_context_token
-from cellrep.tasks.graph_loss import graph_loss
+from cellrep.tasks.graph_loss import graph_loss, register_graph
 from cellrep.tasks.optim import configure_optimizers
 
 
@@ -76,13 +76,7 @@ class SupervisedTask(L.LightningModule):
         if context_table is not None:
             mode = "token" if takes_context_token(self.backbone) else "film"
             self.context = CellTypeContext(context_table, self.backbone.num_features, mode)
-        if graph_loss != "none":
-            if graph_weights is None or graph_present is None:
-                raise CellrepError(f"task.graph_loss={graph_loss} needs the perturbation graph",
-                                   fix="build the task through cellrep-train (task.graph_path)")
-            self.register_buffer("graph_weights", torch.as_tensor(graph_weights, dtype=torch.float32),
-                                 persistent=False)
-            self.register_buffer("graph_present", torch.as_tensor(graph_present, dtype=torch.bool), persistent=False)
+        register_graph(self, graph_loss, graph_weights, graph_present)
 
     def _cell_types(self, index: torch.Tensor | None) -> torch.Tensor | None:
         return None if self.context is None or index is None else self.group_of_index[index]
