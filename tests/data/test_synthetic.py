@@ -197,6 +197,35 @@ def test_batch_effects_change_the_same_perturbation_across_experiments(tmp_path)
     assert spread_with.mean() > 2 * spread_without.mean()
 
 
+def test_plate_groups_hold_disjoint_genes_with_module_mates_apart(tmp_path):
+    """gene_groups=2 (RxRx1-style): each plate holds one group, every gene is in every experiment once,
+    module mates are spread over both groups, and plate 2 of every experiment is shifted the same way."""
+    spec = SyntheticScreenSpec(**{**SMALL, "genes_per_module": 4, "num_compounds": 4, "plates_per_experiment": 2,
+                                  "gene_groups": 2})
+    root = generate_screen(spec, tmp_path / "screen", progress=False)
+    meta = pd.read_csv(root / "metadata.csv")
+    genes = meta[meta["perturbation_type"] == "siRNA"]
+    plate_of = genes.groupby("sirna")["plate"].agg(set)
+    assert (plate_of.map(len) == 1).all()  # a gene always sits on the same plate slot
+    assert (genes.groupby("sirna")["experiment"].nunique() == meta["experiment"].nunique()).all()
+    modules = pd.read_csv(root / "modules.csv")
+    for _, members in modules.groupby("module"):
+        assert {min(plate_of[g]) for g in members["gene"]} == {1, 2}  # mates on both plates
+    compounds = meta[meta["perturbation_type"] == "COMPOUND"]
+    assert len(compounds.groupby("sirna")) == 4
+    assert all(plate_of[t] == {p} for t, p in zip(compounds["target"], compounds["plate"]))  # plated with target
+    per_plate = meta.groupby(["experiment", "plate"])
+    assert (per_plate["perturbation_type"].apply(lambda t: (t == "control").sum()) == 2).all()
+    assert per_plate.size().max() <= spec.wells_per_plate
+    assert len(meta) == 4 * (spec.num_genes + 4 * 2 + 2 * 2)  # 4 experiments: genes, 4 compounds × 2 doses, controls
+    num_params = len(json.loads((root / "generator.json").read_text())["parameter_names"])
+    assert not synthetic.slot_shift(spec, 1, num_params).any()
+    shift = synthetic.slot_shift(spec, 2, num_params)
+    assert np.linalg.norm(shift) == pytest.approx(synthetic.SLOT_DRIFT)
+    with pytest.raises(CellrepError, match="gene_groups"):
+        SyntheticScreenSpec(**{**SMALL, "gene_groups": 2})  # one plate cannot hold two groups
+
+
 def test_any_channel_count_works(tmp_path):
     for names in (("DNA",), ("DNA", "ER", "RNA", "AGP", "Mito")):
         spec = SyntheticScreenSpec(channel_names=names, **SMALL)
@@ -252,7 +281,7 @@ def test_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
     "bad",
     [dict(sites_per_well=0), dict(cell_types=()), dict(cell_types=("HU_VEC",)), dict(channel_names=()),
      dict(image_size=8), dict(genes_per_module=1), dict(concentrations=(0.0, 1.0)), dict(effect_strength=-1),
-     dict(num_modules=100, genes_per_module=4)],
+     dict(num_modules=100, genes_per_module=4), dict(gene_groups=0), dict(gene_groups=5, plates_per_experiment=5)],
 )
 def test_bad_spec_is_rejected(bad):
     with pytest.raises(CellrepError):

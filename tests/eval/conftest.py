@@ -2,7 +2,10 @@
 
 The screen is the tiny debug screen with more modules, experiments and control
 wells: recall needs enough annotated pairs to differ from chance, TVN needs
-control wells in every experiment, and the gene averages need replicates.
+control wells in every experiment, and the gene averages need replicates. It is
+plated RxRx1-style (4 plates per experiment, each holding one of 4 disjoint gene
+groups, module mates on different plates, a systematic plate-slot shift), so raw
+embeddings confuse plate slot with biology and batch correction has work to do.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-SCREEN = ("data.synthetic.num_modules=8", "data.synthetic.experiments_per_cell_type=4",
-          "data.synthetic.control_wells_per_plate=16", "data.synthetic.num_compounds=6")
+SCREEN = ("data.synthetic.num_modules=8", "data.synthetic.genes_per_module=6",
+          "data.synthetic.experiments_per_cell_type=4", "data.synthetic.control_wells_per_plate=12",
+          "data.synthetic.num_compounds=6", "data.synthetic.plates_per_experiment=4", "data.synthetic.gene_groups=4",
+          "data.synthetic.module_similarity=0.85")
 TRAIN = ("debug=tiny", "logger=csv", "model.name=resnet10t", "trainer.max_epochs=10", "test=false",
          "+callbacks.model_checkpoint.every_n_epochs=10", *SCREEN)
 

@@ -55,26 +55,29 @@ def test_block_best_probes_and_embeds_from_the_same_pass(eval_cfg, checkpoint, t
     assert (tmp_path / "run" / "probe.csv").exists()
 
 
-# Measured (8 modules × 4 genes = 48 StringDB pairs, resnet10t, final stage, 8 trainings across seeds and
-# generator versions): TVN recall 0.19–0.23 at 5/95 and 0.31–0.40 at 10/90; raw embeddings land within
-# ±0.1 of TVN, either side. Every gene sits in every experiment, so experiment effects shared by all wells
-# average out of the gene means and batch correction has little to remove (test_batch_correction.py shows
-# TVN separating biology from experiment offsets once genes are confounded with experiments).
-@pytest.mark.xfail(reason="synthetic screen is balanced (every gene in every experiment): raw ≈ TVN within "
-                   "noise; the generator must confound genes with experiments for TVN to win", strict=False)
+# The screen (conftest.SCREEN) plates its 48 genes RxRx1-style: each of 4 plates per experiment holds one
+# of 4 disjoint gene groups, module mates spread over the groups, and every plate slot shifts morphology
+# the same way in every experiment (its control wells too). Raw gene embeddings then mix biology with
+# plate slot; TVN, which learns from the pooled controls, must undo it. Measured on this model at screen
+# seeds 0 and 1 (StringDB, 120 pairs, 5/95 and 10/90): raw 0.24/0.39 and 0.21/0.31, TVN 0.35/0.49 and
+# 0.30/0.46, i.e. TVN ahead by 0.21 and 0.24 in sum; random gives 0.10/0.20. Reruns of one seed vary by
+# ~0.05 per threshold (CPU training is not bit-reproducible here), hence the slack below.
+MARGIN = 0.08  # TVN's lead over raw, summed over the two thresholds
+LO, HI = 0.10, 0.15  # TVN's lead over random at 5/95 and at 10/90
+
+
 def test_recall_after_tvn_is_above_raw(evaluated):
     metrics, _ = evaluated
     raw, tvn = (metrics["benchmarks"][m]["recall"]["StringDB"] for m in ("none", "tvn"))
-    assert tvn["0.05/0.95"] + tvn["0.1/0.9"] > raw["0.05/0.95"] + raw["0.1/0.9"], (raw, tvn)
+    print("recall StringDB raw", raw, "tvn", tvn)
+    assert tvn["0.05/0.95"] + tvn["0.1/0.9"] > raw["0.05/0.95"] + raw["0.1/0.9"] + MARGIN, (raw, tvn)
 
 
-@pytest.mark.xfail(strict=False, reason="tiny-screen science is not yet stable with the retuned generator (issue 3 stays open): measured TVN recall 0.125/0.29 at 5/95 and 10/90, raw classification top-1 at chance")
 def test_recall_after_tvn_is_clearly_above_random(evaluated):
     metrics, _ = evaluated
     tvn = metrics["benchmarks"]["tvn"]["recall"]["StringDB"]
-    print("recall StringDB tvn", tvn, "raw", metrics["benchmarks"]["none"]["recall"]["StringDB"])
-    assert tvn["n_pairs"] >= 40  # the planted modules' pairs
-    assert tvn["0.05/0.95"] > 0.10 + 0.05 and tvn["0.1/0.9"] > 0.20 + 0.08  # random: 0.10 / 0.20
+    assert tvn["n_pairs"] == 120  # the planted modules' pairs: 8 cliques of 6 genes
+    assert tvn["0.05/0.95"] > 0.10 + LO and tvn["0.1/0.9"] > 0.20 + HI, tvn  # random: 0.10 / 0.20
 
 
 def test_dti_average_precision_above_random_baseline(evaluated):
@@ -86,7 +89,6 @@ def test_dti_average_precision_above_random_baseline(evaluated):
     assert dti["max"]["auc"]["median"]["mean"] > 0.6
 
 
-@pytest.mark.xfail(strict=False, reason="tiny-screen science is not yet stable with the retuned generator (issue 3 stays open): measured TVN recall 0.125/0.29 at 5/95 and 10/90, raw classification top-1 at chance")
 def test_consistency_and_classification(evaluated):
     metrics, _ = evaluated
     for method, result in metrics["benchmarks"].items():
@@ -97,8 +99,10 @@ def test_consistency_and_classification(evaluated):
     assert tvn["consistency"]["null"] == "random_treatment_wells_same_batches"  # one control name only
     assert tvn["consistency"]["frac_p_lt_0.05"] > 4 * 0.05  # replicates agree far more often than chance
     raw = metrics["benchmarks"]["none"]["classification"]
-    assert raw["top1"] > 2 * raw["chance"] and raw["top5"] >= raw["top1"]
-    assert {"top1/HUVEC", "top1/RPE"} <= set(raw) and raw["plate_groups"] == 1  # every plate holds every gene
+    assert raw["top1"] > 5 * raw["chance"] and raw["top5"] >= raw["top1"]
+    assert {"top1/HUVEC", "top1/RPE"} <= set(raw)
+    assert raw["plate_groups"] == 4  # 4 disjoint gene groups, one per plate
+    assert raw["top1_plate_groups"] > raw["top1"]  # assigning groups to test plates narrows the choice 48 → 12
 
 
 def test_external_embeddings_without_a_checkpoint(evaluated, eval_cfg, tmp_path):

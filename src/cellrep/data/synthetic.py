@@ -10,7 +10,13 @@ real data, and every benchmark has a planted answer:
   → ``compound_targets.csv`` is the ground truth of the DTI benchmark;
 * experiments add microscope batch effects, small biological drifts and a
   batch × perturbation interaction; cell types shift the base morphology
-  → batch splits are harder than random ones.
+  → batch splits are harder than random ones;
+* optionally (``gene_groups`` ≥ 2, RxRx1-style) each plate holds one of several
+  disjoint gene groups, module mates spread over different groups, and every
+  plate position ("slot": plate 2 of each experiment is always imaged second)
+  adds a systematic morphology shift that its control wells share. Raw gene
+  embeddings then mix biology with plate slot; batch correction that learns
+  from the controls (TVN) must undo it → corrected recall beats raw recall.
 
 Generation is deterministic: every random draw is keyed by (seed, what it is
 for, name of the thing), never by generation order.
@@ -35,11 +41,11 @@ from tqdm.auto import tqdm
 import cellrep
 from cellrep.annotations import load_pairs, resolve_annotation_path
 from cellrep.data import synthetic_modules as planted
-from cellrep.data.synthetic_cells import Acquisition, num_parameters, parameter_names, render_site
+from cellrep.data.synthetic_cells import GLOBAL_PARAMS, Acquisition, num_parameters, parameter_names, render_site
 from cellrep.errors import CellrepError
 from cellrep.schema import NEGATIVE_CONTROL, RXRX1_CHANNELS, make_site_id
 
-FORMAT_VERSION = "synthetic-rxrx1/1"
+FORMAT_VERSION = "synthetic-rxrx1/2"  # 2: plate groups + plate-slot shift; all module mates in the grey zone
 COMPLETE_MARKER = "generator.json"  # written last: its presence means the screen is complete
 # Inner wells of a 384-well plate, as RxRx1 uses (rows B–O, columns 2–23).
 INNER_WELLS = tuple(f"{row}{col:02d}" for row in "BCDEFGHIJKLMNO" for col in range(2, 24))
@@ -57,6 +63,11 @@ INTERACTION = 0.3
 # learns an experiment's distortion from all of its wells when the experiment is in
 # training (random split), and cannot when it is held out (batch split).
 DISTORTION = 0.6
+# Plate slot: plate p ≥ 2 of every experiment shifts morphology by a fixed vector of this length
+# (per unit batch_effect_strength) along parameters that per-plate control normalization of the
+# pixels cannot undo (density, sizes, texture). Plate 1 is the reference: one-plate screens see none.
+SLOT_DRIFT = 6.0
+SLOT_PARAMS = ("nucleus_size", "cell_density", "cytoplasm_ratio", "elongation", "texture_scale", "membrane_width")
 
 
 @dataclass
@@ -79,6 +90,7 @@ class SyntheticScreenSpec:
     effect_strength: float = 1.0  # scales every gene/compound phenotype
     batch_effect_strength: float = 1.0  # scales microscope effects and per-experiment drift
     module_similarity: float = 0.6  # cosine between phenotypes of two genes of one module
+    gene_groups: int = 1  # ≥2: plate p holds only gene/compound group (p-1) mod gene_groups (RxRx1 plate groups)
 
     def __post_init__(self) -> None:
         # Hydra/YAML hand over lists; tuples keep the spec hashable and its hash stable.
@@ -86,7 +98,7 @@ class SyntheticScreenSpec:
         self.channel_names = tuple(str(c) for c in self.channel_names)
         self.concentrations = tuple(float(c) for c in self.concentrations)
         positive = ("experiments_per_cell_type", "plates_per_experiment", "sites_per_well", "num_modules",
-                    "control_wells_per_plate")
+                    "control_wells_per_plate", "gene_groups")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise CellrepError(f"synthetic screen: {name} must be >= 1, got {getattr(self, name)}",
@@ -105,6 +117,12 @@ class SyntheticScreenSpec:
             (self.effect_strength >= 0 and self.batch_effect_strength >= 0,
              "effect strengths must be >= 0", "use 0 (off) or a positive strength"),
             (0.0 <= self.module_similarity <= 1.0, "module_similarity must be in [0, 1]", "use e.g. 0.6"),
+            (self.gene_groups <= self.plates_per_experiment,
+             f"gene_groups={self.gene_groups} exceeds plates_per_experiment={self.plates_per_experiment}, so some "
+             "genes would never be plated", "use at least as many plates per experiment as gene groups"),
+            (self.gene_groups <= self.genes_per_module,
+             f"gene_groups={self.gene_groups} exceeds genes_per_module={self.genes_per_module}",
+             "use gene_groups <= genes_per_module (module mates are spread over the groups)"),
             (self.wells_per_plate <= len(INNER_WELLS),
              f"{self.wells_per_plate} wells per plate exceed the {len(INNER_WELLS)} inner wells of a 384 plate",
              "use fewer modules/genes/compounds/concentrations/control wells"),
@@ -119,7 +137,9 @@ class SyntheticScreenSpec:
 
     @property
     def wells_per_plate(self) -> int:
-        return self.num_genes + self.num_compounds * len(self.concentrations) + self.control_wells_per_plate
+        """Wells of the fullest possible plate (with gene groups, every compound could share one group)."""
+        genes = -(-self.num_genes // self.gene_groups)
+        return genes + self.num_compounds * len(self.concentrations) + self.control_wells_per_plate
 
 
 def _rng(seed: int, stream: str, *keys: object) -> np.random.Generator:
@@ -132,6 +152,7 @@ def _generator_constants() -> dict[str, float]:
     """Strengths fixed in code; part of the fingerprint so retuning them invalidates caches."""
     return dict(well_noise=WELL_NOISE, site_noise=SITE_NOISE, cell_type_spread=CELL_TYPE_SPREAD,
                 batch_drift=BATCH_DRIFT, plate_drift=PLATE_DRIFT, interaction=INTERACTION, distortion=DISTORTION,
+                slot_drift=SLOT_DRIFT,
                 effect_norm=planted.EFFECT_NORM, compound_target_cosine=planted.COMPOUND_TARGET_COSINE,
                 hill_slope=planted.HILL_SLOPE)
 
@@ -163,11 +184,24 @@ def experiment_names(spec: SyntheticScreenSpec) -> list[tuple[str, str, str]]:
     return out
 
 
-def _plate_wells(spec: SyntheticScreenSpec, biology: planted.Biology) -> list[dict]:
-    """One plate's perturbations (before placement): genes, compound doses, controls."""
+def gene_group(spec: SyntheticScreenSpec, index_in_biology: int) -> int:
+    """Plate group of the gene at ``index_in_biology``: member i of module m goes to group (m + i) mod G,
+    so a module's genes are spread over every group (mates sit on different plates)."""
+    module, member = divmod(index_in_biology, spec.genes_per_module)
+    return (module + member) % spec.gene_groups
+
+
+def _plate_wells(spec: SyntheticScreenSpec, biology: planted.Biology, plate: int) -> list[dict]:
+    """One plate's perturbations (before placement): its group's genes, controls, and the doses of
+    the compounds whose target is in the group (a library plated by target family), so a compound
+    and its target share a plate slot and the DTI benchmark measures biology, not slot."""
+    group = (plate - 1) % spec.gene_groups
     wells = [dict(sirna=g, sirna_id=i + 1, perturbation_type="siRNA", well_type="treatment",
-                  concentration=np.nan, target="") for i, g in enumerate(biology.genes)]
+                  concentration=np.nan, target="") for i, g in enumerate(biology.genes)
+             if gene_group(spec, i) == group]
     for j, compound in enumerate(biology.compounds):
+        if gene_group(spec, biology.genes.index(compound.target)) != group:
+            continue
         for conc in spec.concentrations:
             wells.append(dict(sirna=compound.name, sirna_id=spec.num_genes + j + 1, perturbation_type="COMPOUND",
                               well_type="treatment", concentration=conc, target=compound.target))
@@ -183,7 +217,7 @@ def _layout(spec: SyntheticScreenSpec, biology: planted.Biology) -> pd.DataFrame
     rows = []
     for experiment, cell_type, dataset in experiment_names(spec):
         for plate in range(1, spec.plates_per_experiment + 1):
-            wells = _plate_wells(spec, biology)
+            wells = _plate_wells(spec, biology, plate)
             placement = _rng(spec.seed, "placement", experiment, plate).permutation(len(INNER_WELLS))
             addresses = sorted(INNER_WELLS[k] for k in placement[: len(wells)])
             order = _rng(spec.seed, "assignment", experiment, plate).permutation(len(wells))
@@ -196,6 +230,16 @@ def _layout(spec: SyntheticScreenSpec, biology: planted.Biology) -> pd.DataFrame
     columns = ["site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well", "site",
                "well_type", "sirna", "sirna_id", "perturbation_type", "concentration", "target"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def slot_shift(spec: SyntheticScreenSpec, plate: int, num_params: int) -> np.ndarray:
+    """Systematic shift of plate slot ``plate`` (the same in every experiment; zero for plate 1)."""
+    shift = np.zeros(num_params)
+    if plate > 1:
+        index = [GLOBAL_PARAMS.index(name) for name in SLOT_PARAMS]
+        direction = _rng(spec.seed, "slot", plate).standard_normal(len(index))
+        shift[index] = SLOT_DRIFT * direction / np.linalg.norm(direction)
+    return shift
 
 
 def _site_morphology(spec: SyntheticScreenSpec, biology: planted.Biology, row, num_params: int) -> np.ndarray:
@@ -212,6 +256,7 @@ def _site_morphology(spec: SyntheticScreenSpec, biology: planted.Biology, row, n
     z += distortion @ biology.shift(row.sirna, row.concentration)
     z += strength * BATCH_DRIFT * normal("drift", row.experiment)
     z += strength * PLATE_DRIFT * normal("drift", row.experiment, row.plate)
+    z += strength * slot_shift(spec, row.plate, num_params)
     if row.perturbation_type != "control":
         z += strength * INTERACTION * normal("interaction", row.experiment, row.sirna)
     z += WELL_NOISE * normal("well", row.well_id) + SITE_NOISE * normal("site", row.site_id)

@@ -121,7 +121,7 @@ class Biology:
         """
         rows = []
         for compound in self.compounds:
-            mates = [g for g in self.modules[self.module_of(compound.target)] if g != compound.target][:3]
+            mates = [g for g in self.modules[self.module_of(compound.target)] if g != compound.target]
             for gene in self.genes:
                 if gene == compound.target:
                     lo, hi = 1.0, np.log10(500.0)

@@ -41,9 +41,11 @@ def gene_embeddings(emb: Embeddings) -> tuple[np.ndarray, np.ndarray]:
                            fix="recall needs wells with perturbation_type siRNA or CRISPR and well_type treatment")
     genes = strip_guide_suffix(sub.meta["perturbation"]).to_numpy(dtype=str)
     names, inverse = np.unique(genes, return_inverse=True)
-    sums = np.zeros((len(names), sub.dim))
-    np.add.at(sums, inverse, sub.features.astype(np.float64))
-    return names, sums / np.bincount(inverse)[:, None]
+    order = np.argsort(inverse, kind="stable")  # wells grouped by gene: one reduceat, no np.add.at
+    counts = np.bincount(inverse, minlength=len(names))
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    sums = np.add.reduceat(sub.features[order].astype(np.float64), starts, axis=0)
+    return names, sums / counts[:, None]
 
 
 def cosine_matrix(x: np.ndarray) -> np.ndarray:
