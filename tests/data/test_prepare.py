@@ -100,6 +100,10 @@ def test_max_corrupt_override_reaches_the_datamodule_and_its_loader(make_cfg, tm
         for _ in dm.train_dataloader():
             pass
 
+    from cellrep.eval.checkpoint import build_eval_datamodule
+
+    assert build_eval_datamodule(cfg.data, cfg.split, 0, batch_size=4, num_workers=0).max_corrupt == 0  # eval too
+
     lenient = build_datamodule(make_cfg("debug=tiny", "data.max_corrupt=1000"), shards)
     lenient.setup("fit")
     assert lenient.max_corrupt == 1000 and len(next(iter(lenient.train_dataloader()))["label"]) > 0

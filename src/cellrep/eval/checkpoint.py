@@ -89,7 +89,7 @@ def build_eval_datamodule(data: DictConfig, split: DictConfig, seed: int, batch_
     return CellDataModule(shards_dir, split=split_dict, batch_size=batch_size, num_workers=num_workers,
                           crop_size=data.crop_size, normalization=getattr(data.normalization, "name", data.normalization),
                           label_column=data.label_column, expected_channels=len(channels) if channels else None,
-                          seed=seed)
+                          seed=seed, max_corrupt=data.get("max_corrupt", 100))
 
 
 def data_root(data: DictConfig) -> Path | None:
