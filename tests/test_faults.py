@@ -137,3 +137,41 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
         io.save_checkpoint({"step": 2, "x": Unpicklable()}, target)
     assert torch.load(target, weights_only=False) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
+
+
+class RaiseTimeoutWarning(L.Callback):
+    """SLURM's warning before the time limit (``--signal=USR2@<s>``), raised in this process at a step."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+
+class Requeued(Exception):
+    pass
+
+
+def test_slurm_timeout_warning_saves_last_ckpt_then_runs_the_requeue_handler(make_cfg, tmp_path, monkeypatch):
+    last, seen = tmp_path / "run" / "checkpoints" / "last.ckpt", {}
+
+    def requeue(signum, frame):  # where submitit's handler requeues the job and exits
+        seen["signal"] = signum
+        seen["step"] = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+        raise Requeued
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    cfg = make_cfg("debug=tiny", "model.name=test_resnet", "data.batch_size=16", "test=false",
+                   "callbacks.last_checkpoint.every_n_train_steps=1000")  # saved only because of the signal
+    with open_dict(cfg):
+        cfg.callbacks.timeout_warning = {"_target_": f"{__name__}.RaiseTimeoutWarning", "at_step": 3}
+    before = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        with pytest.raises(Requeued):
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+    # the step in flight when the warning came finished, was checkpointed, then the handler ran
+    assert seen == {"signal": signal.SIGUSR2, "step": 4}
