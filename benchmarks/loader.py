@@ -41,7 +41,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from cellrep.data.datamodule import CellDataModule, TrainLoader, TrainStream, _one_thread  # noqa: E402
+from cellrep.data.datamodule import CellDataModule  # noqa: E402
+from cellrep.data.streams import TrainLoader, TrainStream, _one_thread  # noqa: E402
 from cellrep.data.transforms import normalize, random_crop_flip_rot90  # noqa: E402
 
 SPLIT = {"name": "random", "test_fraction": 0.05, "val_fraction": 0.0}

@@ -298,7 +298,7 @@ def test_ddp_two_processes_equal_batches_exact_eval(tiny_shards, tmp_path):
 
 def test_shard_samples_are_views_in_tar_order_and_bad_ones_are_counted(tiny_shards, tmp_path):
     # the train stream's reader: byte ranges from the index, sliced from a mapped shard (docs/PERFORMANCE.md)
-    from cellrep.data.datamodule import SkipCounter, _npy_header, _shard_samples
+    from cellrep.data.streams import SkipCounter, _npy_header, _shard_samples
     from cellrep.data.shards import read_index
 
     index = read_index(tiny_shards)
