@@ -161,7 +161,29 @@ class SchedulerConfig:
 
 
 @dataclass
-class TaskConfig:
+class GraphPriorConfig:
+    """Knowledge-graph prior of both tasks (DESIGN §6, cellrep.tasks.graph_loss): supervised on the pooled
+    backbone features, MAE on the pooled encoder features."""
+
+    graph_loss: str = "none"  # none | graph_contrastive | laplacian
+    graph_weight: float = 0.1
+    graph_temperature: float = 0.1
+    graph_path: str = "StringDB"  # a shipped annotation name, or a STRING / Hetionet / entity1,entity2 file
+    graph_nodes: Optional[str] = None  # node table mapping ids to symbols (Hetionet nodes.tsv, STRING protein.info)
+
+    def __post_init__(self) -> None:
+        from cellrep.tasks.graph_loss import GRAPH_LOSSES
+
+        if self.graph_loss not in GRAPH_LOSSES:
+            raise CellrepError(f"unknown task.graph_loss '{self.graph_loss}'", fix=f"use one of {list(GRAPH_LOSSES)}")
+        if self.graph_weight < 0 or self.graph_temperature <= 0:
+            raise CellrepError(f"task.graph_weight={self.graph_weight} / task.graph_temperature="
+                               f"{self.graph_temperature} out of range",
+                               fix="use graph_weight >= 0 and graph_temperature > 0 (0.1 in DESIGN §6)")
+
+
+@dataclass
+class TaskConfig(GraphPriorConfig):
     name: str = "supervised"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -169,27 +191,21 @@ class TaskConfig:
     init_from: Optional[str] = None  # checkpoint whose encoder starts the backbone (keys checked exactly)
     monitor: str = "val/acc"  # the metric that picks checkpoints/best.ckpt
     monitor_mode: str = "max"
-    # knowledge-graph prior (DESIGN §6, cellrep.tasks.graph_loss)
-    graph_loss: str = "none"  # none | graph_contrastive | laplacian
-    graph_weight: float = 0.1
-    graph_temperature: float = 0.1
-    graph_path: str = "StringDB"  # a shipped annotation name, or a STRING / Hetionet / entity1,entity2 file
-    graph_nodes: Optional[str] = None  # node table mapping ids to symbols (Hetionet nodes.tsv, STRING protein.info)
     # de novo protocol (split=cell_type, split.shots=k; cellrep.knowledge.fewshot): after training on the other
     # cell types, fine-tune this many epochs on the k shots of the held-out type; 0: one joint fit (shots in train)
     finetune_epochs: int = 0
     finetune_base_lr: Optional[float] = None  # null: optimizer.base_lr
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_init_from(self.init_from)
-        _check_graph(self.graph_loss, self.graph_weight, self.graph_temperature)
         if self.finetune_epochs < 0:
             raise CellrepError(f"task.finetune_epochs={self.finetune_epochs} is negative",
                                fix="use 0 (no fine-tuning phase) or a positive number of epochs")
 
 
 @dataclass
-class MAETaskConfig:
+class MAETaskConfig(GraphPriorConfig):
     """Masked-autoencoder pretraining (task=mae); see cellrep.tasks.mae."""
 
     name: str = "mae"
@@ -206,15 +222,9 @@ class MAETaskConfig:
     reconstructions_every_n_steps: int = 500  # masked/reconstruction/target images to the loggers; 0 = off
     monitor: str = "val/loss"
     monitor_mode: str = "min"
-    # knowledge-graph prior on the pooled encoder features (see TaskConfig)
-    graph_loss: str = "none"
-    graph_weight: float = 0.1
-    graph_temperature: float = 0.1
-    graph_path: str = "StringDB"
-    graph_nodes: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _check_graph(self.graph_loss, self.graph_weight, self.graph_temperature)
+        super().__post_init__()
         if not 0.0 < self.mask_ratio < 1.0:
             raise CellrepError(f"task.mask_ratio={self.mask_ratio} leaves nothing to see or nothing to predict",
                                fix="use 0 < task.mask_ratio < 1 (0.75 in the MAE papers)")
@@ -223,16 +233,6 @@ class MAETaskConfig:
         if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
             raise CellrepError(f"task.decoder_dim={self.decoder_dim} must be divisible by decoder_heads="
                                f"{self.decoder_heads} and by 4 (sin-cos positions)", fix="e.g. decoder_dim=512")
-
-
-def _check_graph(name: str, weight: float, temperature: float) -> None:
-    from cellrep.tasks.graph_loss import GRAPH_LOSSES
-
-    if name not in GRAPH_LOSSES:
-        raise CellrepError(f"unknown task.graph_loss '{name}'", fix=f"use one of {list(GRAPH_LOSSES)}")
-    if weight < 0 or temperature <= 0:
-        raise CellrepError(f"task.graph_weight={weight} / task.graph_temperature={temperature} out of range",
-                           fix="use graph_weight >= 0 and graph_temperature > 0 (0.1 in DESIGN §6)")
 
 
 def _check_init_from(path: Optional[str]) -> None:
