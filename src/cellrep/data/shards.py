@@ -28,6 +28,9 @@ transient disk error must not silently drop data.
 Every file goes to a temp name in the same directory, is fsynced and then
 ``os.replace``d, so a killed run never leaves a half-written file under a
 final name.
+
+The bad-input report and threshold live in :mod:`cellrep.data.shard_problems`,
+the per-plate statistics in :mod:`cellrep.data.plate_stats`.
 """
 
 from __future__ import annotations
@@ -46,16 +49,20 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from cellrep.data.plate_stats import add_sums, empty_sums, image_sums, manifest_stats, plate_key
+from cellrep.data.shard_problems import PROBLEMS, bad_input_counts, bad_input_summary, check_bad_input
 from cellrep.errors import CellrepError
 from cellrep.io import atomic_open
 from cellrep.schema import validate_metadata
 
 log = logging.getLogger(__name__)
 
+__all__ = ["FORMAT_VERSION", "INDEX", "MANIFEST", "PLAN", "PROBLEMS", "UnreadableSite", "bad_input_summary",
+           "load_manifest", "plan_shards", "plate_key", "read_index", "shard_key", "write_shards"]
+
 FORMAT_VERSION = 1
 MANIFEST, INDEX, PLAN = "manifest.json", "index.parquet", "plan.json"
 _SHARD_FIX = "run `cellrep-shard` with this data config (it resumes an interrupted run)"
-PROBLEMS = "problems.json"
 
 
 class UnreadableSite(CellrepError):
@@ -66,11 +73,6 @@ class UnreadableSite(CellrepError):
 def shard_key(site_id: str) -> str:
     """Tar member stem of a site: webdataset splits a member name at its first dot."""
     return str(site_id).replace(".", "_").replace("/", "_")
-
-
-def plate_key(experiment: str, plate: int) -> str:
-    """Key of ``manifest['plate_stats']``."""
-    return f"{experiment}/{int(plate)}"
 
 
 def _safe(name: str) -> str:
@@ -131,33 +133,11 @@ def _check_image(img, site_id: str, shape: tuple | None) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def _empty_sums(c: int) -> dict:
-    return {"sites": 0, "pixels": 0, "sum": [0] * c, "sumsq": [0] * c}
-
-
-def _add_sums(acc: dict, other: dict) -> None:
-    acc["sites"] += other["sites"]
-    acc["pixels"] += other["pixels"]
-    acc["sum"] = [a + b for a, b in zip(acc["sum"], other["sum"])]
-    acc["sumsq"] = [a + b for a, b in zip(acc["sumsq"], other["sumsq"])]
-
-
-def _image_sums(img: np.ndarray) -> tuple[list[int], list[int]]:
-    """Exact per-channel sum and sum of squares (integers: order-independent)."""
-    v = np.arange(256, dtype=np.int64)
-    s, sq = [], []
-    for ch in img:
-        h = np.bincount(ch.ravel(), minlength=256).astype(np.int64)
-        s.append(int(h @ v))
-        sq.append(int(h @ (v * v)))
-    return s, sq
-
-
 def _write_shard(source, spec: dict, rows: list[dict], out_dir: Path, shape, fingerprint: str, bar=None) -> dict:
     """Write one shard and its stats sidecar; return the sidecar."""
     path = out_dir / spec["name"]
     c = shape[0]
-    stats = {"all": _empty_sums(c), "controls": _empty_sums(c)}
+    stats = {"all": empty_sums(c), "controls": empty_sums(c)}
     offsets, skipped = [], []
 
     def write(f):
@@ -188,11 +168,11 @@ def _write_shard(source, spec: dict, rows: list[dict], out_dir: Path, shape, fin
                     tar.addfile(info, io.BytesIO(data))
                     if member.endswith(".npy"):  # tar.offset: end of the padded data
                         offsets.append([tar.offset - 512 * -(-len(data) // 512), len(data)])
-                s, sq = _image_sums(img)
+                s, sq = image_sums(img)
                 one = {"sites": 1, "pixels": img.shape[1] * img.shape[2], "sum": s, "sumsq": sq}
-                _add_sums(stats["all"], one)
+                add_sums(stats["all"], one)
                 if row["well_type"] == "negative_control":
-                    _add_sums(stats["controls"], one)
+                    add_sums(stats["controls"], one)
                 if bar is not None:
                     bar.update(1)
 
@@ -241,39 +221,6 @@ def _worker_task(spec, rows, out_dir, shape, fingerprint):
     return _write_shard(_WORKER_SOURCE, spec, rows, out_dir, shape, fingerprint)
 
 
-# ---------------------------------------------------------------- stats
-def _moments(acc: dict) -> tuple[list[float], list[float]]:
-    n = acc["pixels"]
-    mean = [s / n for s in acc["sum"]]
-    # exact integer variance: (n·Σx² − (Σx)²) / n²
-    std = [math.sqrt(max(n * q - s * s, 0) / (n * n)) for s, q in zip(acc["sum"], acc["sumsq"])]
-    return mean, std
-
-
-def _stats(plan: list[dict], sidecars: dict[str, dict], c: int) -> tuple[dict, dict]:
-    plates: dict[str, dict] = {}
-    total = _empty_sums(c)
-    for spec in plan:
-        side = sidecars[spec["name"]]
-        p = plates.setdefault(plate_key(spec["experiment"], spec["plate"]),
-                              {"all": _empty_sums(c), "controls": _empty_sums(c)})
-        _add_sums(p["all"], side["all"])
-        _add_sums(p["controls"], side["controls"])
-        _add_sums(total, side["all"])
-    plate_stats = {}
-    for key, p in plates.items():
-        if not p["all"]["sites"]:  # every site of the plate was unreadable: nothing to normalize
-            log.warning("plate %s has no readable site: it has no normalization stats", key)
-            continue
-        use = p["controls"] if p["controls"]["sites"] else p["all"]
-        if not p["controls"]["sites"]:
-            log.warning("plate %s has no negative-control sites: its normalization stats use all its sites", key)
-        mean, std = _moments(use)
-        plate_stats[key] = {"mean": mean, "std": std, "num_controls": p["controls"]["sites"]}
-    mean, std = _moments(total)
-    return plate_stats, {"mean": mean, "std": std}
-
-
 # ---------------------------------------------------------------- public API
 def _refuse_other_dataset(out_dir: Path, source, plan: list[dict]) -> None:
     for fname in (MANIFEST, PLAN):
@@ -317,7 +264,7 @@ def write_shards(source, out_dir: Path, samples_per_shard: int = 256, num_worker
         return old
     problems = [dict(p) for p in getattr(source, "problems", ())]
     total = len(meta) + len(problems)
-    _check_bad_input(problems, total, max_bad_fraction, source.name, out_dir, final=False)
+    check_bad_input(problems, total, max_bad_fraction, source.name, out_dir, final=False)
     _start_plan(out_dir, source, plan, samples_per_shard)
     source_info = source.describe() if callable(getattr(source, "describe", None)) else None
 
@@ -337,18 +284,18 @@ def write_shards(source, out_dir: Path, samples_per_shard: int = 256, num_worker
         sidecars |= _write_missing(source, meta, todo, out_dir, shape, num_workers, bar)
 
     problems += [p for s in plan for p in sidecars[s["name"]].get("skipped", ())]
-    _check_bad_input(problems, total, max_bad_fraction, source.name, out_dir, final=True)
+    check_bad_input(problems, total, max_bad_fraction, source.name, out_dir, final=True)
     index = _build_index(meta, plan, sidecars)
     with atomic_open(out_dir / INDEX) as f:
         index.to_parquet(f, index=False)
-    plate_stats, global_stats = _stats(plan, sidecars, shape[0])
+    plate_stats, global_stats = manifest_stats(plan, sidecars, shape[0])
     shards = [{k: s[k] for k in ("name", "experiment", "plate")} | {"num_samples": sidecars[s["name"]]["num_samples"]}
               for s in plan]
     manifest = {"format_version": FORMAT_VERSION, "dataset": source.name, "fingerprint": source.fingerprint,
                 "channel_names": channel_names, "image_shape": list(shape), "encoding": "npy",
                 "num_samples": len(index), "shards": shards, "plan_digest": plan_digest,
                 "plate_stats": plate_stats, "global_stats": global_stats,
-                "bad_input": _bad_input_counts(problems, total)}
+                "bad_input": bad_input_counts(problems, total)}
     if source_info is not None:
         manifest["source"] = source_info
     _write_json(out_dir / MANIFEST, manifest)
@@ -365,43 +312,6 @@ def _probe_shape(source, plan: list[dict]) -> tuple[int, ...]:
             except UnreadableSite:
                 continue
     raise CellrepError(f"{source.name}: no site could be read", fix="check data.root and the image files")
-
-
-def _bad_input_counts(problems: list[dict], total: int) -> dict:
-    kinds: dict[str, int] = {}
-    for p in problems:
-        kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
-    return {"count": len(problems), "fraction": len(problems) / max(total, 1), "by_kind": kinds}
-
-
-def bad_input_summary(problems: list[dict], total: int, show: int = 5) -> str:
-    """Counts per kind and the first ``show`` items of each, one line per kind."""
-    counts = _bad_input_counts(problems, total)
-    lines = [f"bad input: {counts['count']} of {total} items ({counts['fraction']:.2%})"]
-    for kind, n in sorted(counts["by_kind"].items()):
-        items = [p for p in problems if p["kind"] == kind]
-        named = "; ".join(f"{p['item']}" + (f" ({p['detail']})" if p.get("detail") else "") for p in items[:show])
-        lines.append(f"  {kind}: {n} — {named}" + (" ..." if n > show else ""))
-    return "\n".join(lines)
-
-
-def _check_bad_input(problems: list[dict], total: int, max_fraction: float, name: str, out_dir: Path,
-                     final: bool) -> None:
-    """Summarize bad input (at the end) and fail above ``max_fraction`` of all items."""
-    if not problems:
-        if final:
-            (out_dir / PROBLEMS).unlink(missing_ok=True)  # left by an earlier run of this dataset
-        return
-    too_many = len(problems) > max_fraction * total
-    if final or too_many:
-        _write_json(out_dir / PROBLEMS, {"total": total, "problems": problems})
-    if final and not too_many:
-        log.warning("%s: skipped %s\n  full list: %s", name, bad_input_summary(problems, total), out_dir / PROBLEMS)
-    if too_many:
-        raise CellrepError(f"{name}: too much bad input, more than data.max_bad_fraction={max_fraction:g} — "
-                           f"{bad_input_summary(problems, total, show=20)}\n  full list: {out_dir / PROBLEMS}",
-                           fix="repair or remove the items listed, or raise data.max_bad_fraction to skip them "
-                           "(rerunning resumes: finished shards are kept)")
 
 
 def _start_plan(out_dir: Path, source, plan: list[dict], samples_per_shard: int) -> None:
