@@ -25,6 +25,7 @@ import mmap
 import os
 import random
 import tarfile
+import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -135,25 +136,110 @@ class _Samples:
         self.header = _npy_header(self.shape)
         self.label = dm.index["label"].to_numpy(np.int64)
         self.plate = dm._plate_idx
+        self.batch_shape = (self.batch_size, self.shape[0], self.crop, self.crop)
+        self.ring: BatchRing | None = None  # set by the loader that runs this stream in workers
 
     def collate(self, items: list[tuple[int, np.ndarray]]) -> dict:
         """uint8 batch: each sample's (strided) crop view is copied once, straight into the batch.
 
-        In a loader worker the batch lives in shared memory, so the DataLoader does not copy it again
-        to send it. Normalization happens later, on the device (:class:`BatchNormalizer`).
+        In a loader worker the batch goes into one of the worker's reused shared-memory buffers
+        (:class:`BatchRing`), so nothing is copied again to send it. Normalization happens later, on
+        the device (:class:`BatchNormalizer`).
         """
         rows = np.fromiter((r for r, _ in items), dtype=np.int64, count=len(items))
-        shape = (len(items), self.shape[0], self.crop, self.crop)
-        if get_worker_info() is not None:  # allocated in shared memory, as torch's default_collate does
-            storage = torch.UntypedStorage._new_shared(math.prod(shape))
-            image = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-        else:
-            image = torch.empty(shape, dtype=torch.uint8)
-        out = image.numpy()
+        out, sent = _batch_buffer(self.ring, (len(items), self.shape[0], self.crop, self.crop))
         for i, (_, crop) in enumerate(items):
             out[i] = crop
-        return {"image": image, "label": torch.from_numpy(self.label[rows]), "index": torch.from_numpy(rows),
-                "plate": torch.from_numpy(self.plate[rows])}
+        return {"label": torch.from_numpy(self.label[rows]), "index": torch.from_numpy(rows),
+                "plate": torch.from_numpy(self.plate[rows]), **sent}
+
+
+def _batch_buffer(ring: "BatchRing | None", shape: tuple) -> tuple[np.ndarray, dict]:
+    """Where a batch image of ``shape`` is written, and the keys that send it to the main process."""
+    if get_worker_info() is None:  # in-process loading: nothing to send
+        image = torch.empty(shape, dtype=torch.uint8)
+        return image.numpy(), {"image": image}
+    if ring is not None:
+        claimed = ring.claim(shape)
+        if claimed is not None:
+            return claimed
+    # every buffer of this worker is still held by the consumer: a fresh block, as torch's collate does
+    image = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
+    return image.numpy(), {"image": image}
+
+
+class BatchRing:
+    """Shared-memory batch buffers that a loader's workers fill again and again.
+
+    torch's DataLoader sends each worker batch to the main process in a new shared-memory block: the
+    worker allocates it and faults in every page, the main process maps it, and both unmap it after
+    the step (~13 ms per 12.6 MB batch, about half a worker's time; docs/PERFORMANCE.md). Here each
+    worker keeps up to ``slots`` buffers of a full batch. The first batch written into a buffer
+    carries the buffer itself (``ring_buffer``, mapped once by the main process, which keeps the
+    mapping); later batches carry only ``ring`` = (worker, slot, batch length).
+
+    A buffer is written again only after the main process released it (``busy`` flags in shared
+    memory, set by the worker, cleared by the main process): when the last tensor viewing that batch
+    image is freed (views and slices included), or at once when :meth:`receive` copied it into pinned
+    memory. A worker whose buffers are all held (a consumer that keeps batches) sends a fresh block
+    instead, so keeping batches is safe; it only costs the speed-up.
+
+    Lifetime: :meth:`restart` before each start of fresh worker processes (new flags, new buffers);
+    persistent workers keep theirs across epochs.
+    """
+
+    SLOTS = 4  # prefetch_factor (2) queued batches + the one being filled + one held by the consumer
+
+    def __init__(self, num_workers: int, batch_shape: tuple, pin_memory: bool, slots: int = SLOTS):
+        self.num_workers, self.batch_shape, self.slots, self.pin_memory = num_workers, tuple(batch_shape), slots, pin_memory
+        self.restart()
+
+    def restart(self) -> None:
+        """(main process) Fresh flags and no mapped buffers, for new worker processes. Batches still
+        held from before keep their own mappings and release into the old flags."""
+        self.busy = torch.zeros((self.num_workers, self.slots), dtype=torch.uint8).share_memory_()
+        self._busy, self._mine, self._mapped = self.busy.numpy(), [], {}
+
+    def __getstate__(self) -> dict:  # spawned workers: the shared flags only
+        return {**self.__dict__, "_busy": None, "_mine": [], "_mapped": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._busy = self.busy.numpy()
+
+    def claim(self, shape: tuple) -> tuple[np.ndarray, dict] | None:
+        """(worker side) A free buffer for a batch of ``shape`` (its first ``shape[0]`` rows) and the
+        keys to send, or None when all of this worker's buffers are still held."""
+        worker, n = get_worker_info().id, shape[0]
+        busy = self._busy[worker]
+        for slot, buf in enumerate(self._mine):
+            if not busy[slot]:
+                busy[slot] = 1
+                return buf.numpy()[:n], {"ring": torch.tensor([worker, slot, n])}
+        if len(self._mine) == self.slots:
+            return None
+        buf = torch.empty(0, dtype=torch.uint8).set_(
+            torch.UntypedStorage._new_shared(math.prod(self.batch_shape))).view(self.batch_shape)
+        self._mine.append(buf)
+        busy[len(self._mine) - 1] = 1
+        return buf.numpy()[:n], {"ring": torch.tensor([worker, len(self._mine) - 1, n]), "ring_buffer": buf}
+
+    def receive(self, batch: dict) -> dict:
+        """(main process) A worker's batch with its ``image`` (a view of the ring buffer, or its pinned copy)."""
+        if "ring" not in batch:
+            return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
+        worker, slot, n = batch.pop("ring").tolist()
+        if "ring_buffer" in batch:
+            self._mapped[worker, slot] = batch.pop("ring_buffer").numpy()
+        view = self._mapped[worker, slot][:n]
+        if self.pin_memory:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+            batch["image"] = torch.from_numpy(view).pin_memory()
+            self._busy[worker, slot] = 0
+        else:  # released when the last tensor sharing this view's memory is freed
+            weakref.finalize(view, self._busy.__setitem__, (worker, slot), 0)
+            batch["image"] = torch.from_numpy(view)
+        return batch
 
 
 class TrainStream(IterableDataset):
@@ -249,25 +335,46 @@ class EvalStream(IterableDataset):
             raise OSError(f"{exn} (row {row})") from None
 
 
-class EvalLoader:
-    """A DataLoader over :class:`EvalStream` with a length (a plain iterable to Lightning, which
-    therefore neither injects a sampler nor warns about sized IterableDatasets)."""
+class _RingLoader:
+    """A DataLoader over a stream, with a length, whose workers hand batches over through a
+    :class:`BatchRing` (a plain iterable to Lightning, which therefore neither injects a sampler nor
+    warns about sized IterableDatasets)."""
 
-    def __init__(self, stream: EvalStream, num_workers: int, pin_memory: bool, finish_batch: BatchNormalizer):
+    def __init__(self, stream: "TrainStream | EvalStream", num_workers: int, persistent_workers: bool,
+                 pin_memory: bool, finish_batch: BatchNormalizer):
         self.stream, self.finish_batch = stream, finish_batch  # uint8 batch → normalized (see CellDataModule)
-        self.loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, len(stream)),
-                                 pin_memory=pin_memory, worker_init_fn=_one_thread)
+        self.ring = BatchRing(num_workers, stream.s.batch_shape, pin_memory) if num_workers else None
+        stream.s.ring = self.ring
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                 pin_memory=pin_memory and not num_workers,  # with workers the ring pins
+                                 persistent_workers=persistent_workers and num_workers > 0,
+                                 worker_init_fn=_one_thread)
+        self._workers_started = False
 
     def __len__(self) -> int:
         return len(self.stream)
 
+    def _batches(self):
+        if self.ring is not None and not (self.loader.persistent_workers and self._workers_started):
+            self.ring.restart()  # new worker processes are about to start
+        self._workers_started = True
+        for batch in self.loader:
+            yield batch if self.ring is None else self.ring.receive(batch)
+
+
+class EvalLoader(_RingLoader):
+    """The validation/test/predict loader over :class:`EvalStream`."""
+
+    def __init__(self, stream: EvalStream, num_workers: int, pin_memory: bool, finish_batch: BatchNormalizer):
+        super().__init__(stream, min(num_workers, len(stream)), False, pin_memory, finish_batch)
+
     def __iter__(self):
-        return iter(self.loader)
+        return self._batches()
 
 
-class TrainLoader:
-    """The training loader: a DataLoader over :class:`TrainStream` with a length, an
-    epoch counter and a resumable position (Lightning saves ``state_dict()`` in checkpoints).
+class TrainLoader(_RingLoader):
+    """The training loader over :class:`TrainStream`, with an epoch counter and a resumable position
+    (Lightning saves ``state_dict()`` in checkpoints).
 
     The position is the number of batches handed out. Lightning does not
     prefetch from a loader that has a length, so at a checkpoint taken after a
@@ -276,21 +383,15 @@ class TrainLoader:
 
     def __init__(self, stream: TrainStream, num_workers: int, persistent_workers: bool, pin_memory: bool,
                  finish_batch: BatchNormalizer):
-        self.stream, self.finish_batch = stream, finish_batch  # uint8 batch → normalized (see CellDataModule)
-        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                 persistent_workers=persistent_workers and num_workers > 0,
-                                 worker_init_fn=_one_thread)
+        super().__init__(stream, num_workers, persistent_workers, pin_memory, finish_batch)
         self.epoch, self.yielded, self._resume = -1, 0, None
-
-    def __len__(self) -> int:
-        return len(self.stream)
 
     def __iter__(self):
         epoch, skip = self._resume if self._resume else (self.epoch + 1, 0)
         self._resume = None
         self.epoch, self.yielded = epoch, skip
         self.stream.state[0], self.stream.state[1] = epoch, skip
-        for batch in self.loader:
+        for batch in self._batches():
             self.yielded += 1
             yield batch
 
