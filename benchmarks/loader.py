@@ -10,10 +10,11 @@ times; the table reports medians and the median of per-repeat ratios.
 
 The shard loader's workers hand out uint8 crops; ``finish_batch`` (what
 Lightning runs in ``on_after_batch_transfer``) normalizes each batch on the
-device. With no GPU the device is the CPU, so the headline column times
-loader + ``finish_batch`` in the main process: normalized float batches,
-like the PNG loader's. The uint8 column is the loader alone, i.e. what a GPU
-run asks of the CPU.
+device. Column (1) is CPU-only training: flips/rot90 in the workers
+(``augment_on_device=False``) and ``finish_batch`` on the CPU in the main
+process, i.e. normalized float batches like the PNG loader's. Column (2) is
+what a GPU run asks of the CPU: the loader alone, with flips/rot90 left to
+the device (``augment_on_device=True``, the default when CUDA is available).
 
 Files are read from a temp dir that is in the page cache after the first
 pass, so this compares CPU cost (decode, crop, normalize, IPC), not disks.
@@ -76,7 +77,8 @@ class PngSites(Dataset):
 def shard_loader(dm: CellDataModule, workers: int, finish: bool = True):
     """(the subject) The training loader exactly as ``train_dataloader`` builds it, made endless
     (its stream is resampled anyway; only the per-epoch batch count is raised). ``finish``: each
-    batch also goes through ``finish_batch`` (normalized float32, here on the CPU), as Lightning does."""
+    batch also goes through ``finish_batch`` (normalized float32, here on the CPU), as Lightning does.
+    ``dm.augment_on_device`` says where flips/rot90 run: in ``finish_batch`` (a GPU run) or in the workers."""
     stream = TrainStream(dm, dm._stage_rows["train"], 0, 1)
     stream.num_batches = 10**6
     loader = TrainLoader(stream, workers, persistent_workers=False, pin_memory=False, finish_batch=dm.finish_batch)
@@ -136,8 +138,10 @@ def main(argv=None) -> None:
         make_rxrx1(tmp / "rxrx1", a.sites)
         shard(tmp / "rxrx1", tmp / "shards")
         print(f"# generated and sharded {a.sites} sites in {time.perf_counter() - t0:.0f}s", flush=True)
-        dm = CellDataModule(tmp / "shards", SPLIT, batch_size=a.batch_size, num_workers=1, crop_size=256,
-                            normalization="plate_controls", shuffle_buffer=SHUFFLE_BUFFER)
+        dms = {on_device: CellDataModule(tmp / "shards", SPLIT, batch_size=a.batch_size, num_workers=1, crop_size=256,
+                                         normalization="plate_controls", shuffle_buffer=SHUFFLE_BUFFER,
+                                         augment_on_device=on_device) for on_device in (False, True)}
+        dm = dms[False]  # CPU-only training: flips/rot90 in the workers
         warm = -(-SHUFFLE_BUFFER // a.batch_size) + 2
         _PAYLOADS[:] = load_payloads(dm)
         res: dict[tuple, list[float]] = {}
@@ -147,7 +151,8 @@ def main(argv=None) -> None:
             for _ in range(a.repeats):
                 for w in a.workers:
                     res.setdefault(("shards", w), []).append(rate(shard_loader(dm, w), a.batches, warm))
-                    res.setdefault(("uint8", w), []).append(rate(shard_loader(dm, w, False), a.batches, warm))
+                    # a GPU run: flips/rot90 and normalization happen on the device, after the loader
+                    res.setdefault(("uint8", w), []).append(rate(shard_loader(dms[True], w, False), a.batches, warm))
                     res.setdefault(("png", w), []).append(rate(png_loader(dm, tmp / "rxrx1", w), png_batches, 1))
                     res.setdefault(("ceiling", w), []).append(ceiling(pools[w], w, 4 * a.batches * a.batch_size))
         finally:
@@ -162,7 +167,8 @@ def main(argv=None) -> None:
     print(f"# machine: {machine()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
           f"(at start: {' '.join(f'{x:.1f}' for x in load0)})")
     print(f"# {a.sites} sites 6×512×512 → crop 256, batch {a.batch_size}, {a.repeats} repeats (medians); "
-          "(1) = loader + finish_batch on the CPU (main process), (2) = loader alone (normalization on the device)")
+          "(1) = CPU-only training: flips in the workers, loader + finish_batch on the CPU (main process); "
+          "(2) = a GPU run: loader alone (flips/rot90 and normalization on the device)")
     print(table(["workers", "shard loader samples/s (1) float", "(2) uint8", "(a) PNG per-file samples/s",
                  "(b) npy decode ceiling samples/s", "(1) ÷ (a) (bar ≥ 10×)", "(2) ÷ (a) (bar ≥ 10×)",
                  "(1) ÷ (b) (bar ≥ 70%)", "(2) ÷ (b) (bar ≥ 70%)"], rows))

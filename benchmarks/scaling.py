@@ -7,9 +7,9 @@ cycled), so the figure is the writer's own cost (npy encode, tar, exact
 stats, fsync'd atomic files), not PNG decoding. Shards hold ``--per-shard``
 sites, so a bigger dataset has proportionally more shards. The loader is the
 training stream (as in ``loader.py``) over each dataset at 1 and 2 workers, delivering uint8
-batches: the part that runs in the workers and scales with them. Normalization
-(``finish_batch``) runs once per batch on the device whatever the data size; ``loader.py``
-measures it.
+batches as for a GPU run: the part that runs in the workers and scales with them. Flips/rot90
+and normalization (``finish_batch``) run once per batch on the device whatever the data size;
+``loader.py`` measures them on the CPU.
 
     python benchmarks/scaling.py [--quick]
 """
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
             manifest = write_shards(ArraySource(n, images), out, samples_per_shard=a.per_shard, progress=False)
             write = n / (time.perf_counter() - t0)
             dm = CellDataModule(out, SPLIT, batch_size=a.batch_size, num_workers=1, crop_size=256,
-                                shuffle_buffer=min(SHUFFLE_BUFFER, n))
+                                shuffle_buffer=min(SHUFFLE_BUFFER, n), augment_on_device=True)
             warm = -(-min(SHUFFLE_BUFFER, n) // a.batch_size) + 2
             load = {w: median([rate(shard_loader(dm, w, finish=False), a.batches, warm) for _ in range(a.repeats)])
                     for w in a.workers}

@@ -100,6 +100,9 @@ class DataConfig:
     bit_depth_rule: BitDepthRule = BitDepthRule.percentile  # tiff: 16->8 bit rule, recorded in the manifest
     max_bad_fraction: float = 0.01  # sharding fails when more of the input is bad (cellrep.data.shards)
     max_corrupt: int = 100  # training stops after more corrupt shard members were skipped (DESIGN §7)
+    # flips/rot90 of training crops: on the device with normalization (null: when CUDA is available),
+    # or in the loader workers (false: CPU-only training keeps them in parallel processes)
+    augment_on_device: Optional[bool] = None
     tiff: Optional[TiffConfig] = None
 
     def __post_init__(self) -> None:

@@ -41,7 +41,7 @@ def build_datamodule(cfg: DictConfig, shards_dir) -> CellDataModule:
         shards_dir, split=split, batch_size=data.batch_size, num_workers=data.num_workers,
         crop_size=data.crop_size, normalization=data.normalization.name, label_column=data.label_column,
         expected_channels=len(channels) if channels else None, seed=cfg.seed,
-        max_corrupt=data.get("max_corrupt", 100),
+        max_corrupt=data.get("max_corrupt", 100), augment_on_device=data.get("augment_on_device"),
     )
 
 

@@ -84,20 +84,36 @@ def test_eval_batches_are_normalized_center_crops(tiny_shards, tiny_source, mode
 
 @pytest.mark.parametrize("mode", ["plate_controls", "self", "global"])
 def test_batched_finish_equals_the_per_sample_path(tiny_shards, mode):
-    # before finish_batch, workers normalized each crop with its plate's manifest stats (per sample);
-    # the batched, on-device path must give the same values, for training crops and eval crops alike
-    dm = _dm(tiny_shards, normalization=mode)
+    # before finish_batch, workers flipped/rotated and normalized each crop with its plate's manifest stats
+    # (per sample); the batched, on-device path must give the same values, for training and eval crops alike
+    dm = _dm(tiny_shards, normalization=mode, augment_on_device=True)
     manifest = load_manifest(tiny_shards)
     batches = list(dm.train_dataloader())[:3] + list(dm.eval_dataloader("all"))
-    for batch in batches:
+    for i, batch in enumerate(batches):
         done = dm.finish_batch(batch)
         assert done["image"].dtype == torch.float32 and torch.equal(done["index"], batch["index"])
-        for crop, img, row in zip(batch["image"], done["image"], batch["index"].tolist()):
+        assert ("flip_rot" in batch) == (i < 3) and "flip_rot" not in done
+        flip_rot = batch.get("flip_rot", torch.zeros(len(batch["index"]), 3, dtype=torch.uint8))
+        for crop, img, row, (flip_w, flip_h, k) in zip(batch["image"], done["image"], batch["index"].tolist(),
+                                                       flip_rot.tolist()):
+            crop = crop.flip(-1) if flip_w else crop  # training crops: the drawn flips and turns, per sample
+            crop = torch.rot90(crop.flip(-2) if flip_h else crop, k, dims=(-2, -1))
             meta = dm.index.iloc[row]
             stats = {"plate_controls": manifest["plate_stats"][plate_key(meta["experiment"], meta["plate"])],
                      "global": manifest["global_stats"], "self": None}[mode]
             torch.testing.assert_close(img, normalize(crop, mode, stats), rtol=0, atol=1e-6 if mode == "self" else 0)
         assert dm.finish_batch(done) is done  # finishing twice changes nothing
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_flips_on_the_device_or_in_the_workers_give_the_same_finished_batches(tiny_shards, num_workers):
+    on_device = list(_dm(tiny_shards, num_workers=num_workers, augment_on_device=True).train_dataloader())
+    in_workers = list(_dm(tiny_shards, num_workers=num_workers, augment_on_device=False).train_dataloader())
+    assert all("flip_rot" in b for b in on_device) and not any("flip_rot" in b for b in in_workers)
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(on_device, in_workers))  # raw: not yet
+    dm = _dm(tiny_shards)
+    for a, b in zip(on_device, in_workers, strict=True):
+        assert torch.equal(dm.finish_batch(a)["image"], dm.finish_batch(b)["image"])
 
 
 def test_every_consumer_gets_the_same_normalized_batches(tiny_shards):

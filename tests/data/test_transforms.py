@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cellrep.data.transforms import (BatchNormalizer, center_crop, normalize, random_crop_flip_rot90,
-                                     random_crop_flip_rot90_view)
+from cellrep.data.transforms import (BatchFinisher, center_crop, flip_rot90_batch, flip_rot90_view, normalize,
+                                     random_crop_flip_rot90, random_crop_view)
 from cellrep.errors import CellrepError
 
 
@@ -101,17 +101,26 @@ def test_normalize_in_place_matches_reference_and_leaves_input_alone():
     assert torch.equal(as_float, before)
 
 
-def test_view_augmentation_equals_the_tensor_one_and_copies_nothing():
-    # the loader crops by strided numpy views (one copy, into the batch); same draws, same pixels
+def test_crop_view_then_batched_flip_rot_equals_the_per_sample_augmentation():
+    # the loader crops by numpy views (one copy, into the batch) and flips/rotates whole batches on the
+    # device, or (CPU-only training) flips/rotates each view in the worker: same draws, same pixels as
+    # random_crop_flip_rot90 per sample
     x = torch.randint(0, 256, (3, 20, 17), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     arr = x.numpy()
-    for seed in range(40):  # every flip/rotation combination occurs
-        ref = random_crop_flip_rot90(x, 9, torch.Generator().manual_seed(seed))
-        view = random_crop_flip_rot90_view(arr, 9, torch.Generator().manual_seed(seed))
-        assert np.shares_memory(view, arr)
-        assert np.array_equal(np.ascontiguousarray(view), ref.numpy())
+    refs, crops, draws = [], [], []
+    for seed in range(120):  # every one of the 16 flip/rotation combinations occurs
+        refs.append(random_crop_flip_rot90(x, 9, torch.Generator().manual_seed(seed)))
+        view, flip_rot = random_crop_view(arr, 9, torch.Generator().manual_seed(seed))
+        assert np.shares_memory(view, arr) and view.strides[-1] == 1  # a plain crop: rows copy as rows
+        crops.append(torch.from_numpy(view.copy()))
+        draws.append(flip_rot)
+        in_worker = flip_rot90_view(view, flip_rot)  # the CPU-only path: strided view, copied once
+        assert np.shares_memory(in_worker, arr) and np.array_equal(np.ascontiguousarray(in_worker), refs[-1].numpy())
+    assert len(set(draws)) == 16
+    out = flip_rot90_batch(torch.stack(crops), torch.tensor(draws, dtype=torch.uint8))
+    assert torch.equal(out, torch.stack(refs))
     with pytest.raises(CellrepError, match="crop size 18 does not fit images of 20×17"):
-        random_crop_flip_rot90_view(arr, 18)
+        random_crop_view(arr, 18)
 
 
 @pytest.mark.parametrize("mode", ["plate_controls", "global", "self"])
@@ -122,18 +131,18 @@ def test_batch_normalizer_equals_per_sample_normalize(mode):
     mean, std = torch.rand(4, 3, generator=gen) * 60, torch.rand(4, 3, generator=gen) * 9 + 0.5
     plate = torch.tensor([3, 0, 0, 2, 1])
     batch = {"image": image, "plate": plate, "index": torch.arange(5)}
-    out = BatchNormalizer(mode, mean, std)(batch)
+    out = BatchFinisher(mode, mean, std)(batch)
     assert out["image"].dtype == torch.float32 and out["index"] is batch["index"] and batch["image"] is image
     for i in range(5):
         stats = None if mode == "self" else (mean[plate[i]], std[plate[i]])
         one = normalize(image[i], mode, stats)
         torch.testing.assert_close(out["image"][i], one, rtol=0, atol=1e-6 if mode == "self" else 0)
-    assert BatchNormalizer(mode, mean, std)(out) is out  # already finished: unchanged
+    assert BatchFinisher(mode, mean, std)(out) is out  # already finished: unchanged
 
 
 def test_batch_normalizer_rejects_what_it_cannot_finish():
     stats = torch.zeros(1, 3), torch.ones(1, 3)
     with pytest.raises(CellrepError, match="unknown normalization"):
-        BatchNormalizer("zscore", *stats)
+        BatchFinisher("zscore", *stats)
     with pytest.raises(CellrepError, match="expected uint8 B×C×H×W"):
-        BatchNormalizer("global", *stats)({"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "plate": None})
+        BatchFinisher("global", *stats)({"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "plate": None})

@@ -2,11 +2,12 @@
 labels and per-plate statistics; the loaders read shards through :mod:`cellrep.data.streams`
 (resampled, resumable training stream; exact, rank-partitioned evaluation).
 
-Loader batches are ``{"image": uint8 B×C×S×S, "label": int64 B, "index": int64 B, "plate": int64 B}``;
-``index`` is the row of :attr:`CellDataModule.index` (any metadata), ``plate`` the sample's row of
-normalization statistics. Workers ship uint8 crops (a quarter of float32's bytes, no float work on the
-CPU); :meth:`CellDataModule.finish_batch` turns ``image`` into the normalized float32 batch on the
-device, vectorized. Lightning runs it in ``on_after_batch_transfer``; anything that iterates the
+Loader batches are ``{"image": uint8 B×C×S×S, "label": int64 B, "index": int64 B, "plate": int64 B}``,
+training batches also ``"flip_rot": uint8 B×3``; ``index`` is the row of :attr:`CellDataModule.index`
+(any metadata), ``plate`` the sample's row of normalization statistics, ``flip_rot`` each crop's drawn
+flips and quarter turns. Workers ship plain uint8 crops (a quarter of float32's bytes, no float work
+and no strided copies on the CPU); :meth:`CellDataModule.finish_batch` flips/rotates and normalizes
+the batch on the device, vectorized. Lightning runs it in ``on_after_batch_transfer``; anything that iterates the
 loaders itself calls it (or the loader's ``finish_batch``, the same function).
 """
 
@@ -27,7 +28,7 @@ import torch
 from cellrep.data.shards import load_manifest, plate_key, read_index
 from cellrep.data.splits import assign_splits
 from cellrep.data.streams import EvalLoader, EvalStream, TrainLoader, TrainStream
-from cellrep.data.transforms import NORMALIZATIONS, BatchNormalizer
+from cellrep.data.transforms import NORMALIZATIONS, BatchFinisher
 from cellrep.errors import CellrepError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class CellDataModule(L.LightningDataModule):
     def __init__(self, shards_dir, split: dict, batch_size: int = 64, num_workers: int = 2, crop_size: int = 48,
                  normalization: str = "plate_controls", label_column: str = "perturbation",
                  expected_channels: int | None = None, seed: int = 0, shuffle_buffer: int = 512,
-                 max_corrupt: int = 100, persistent_workers: bool = False, pin_memory: bool | None = None):
+                 max_corrupt: int = 100, persistent_workers: bool = False, pin_memory: bool | None = None,
+                 augment_on_device: bool | None = None):
         super().__init__()
         self.shards_dir, self.split = Path(shards_dir), {k: _plain(v) for k, v in dict(split).items()}
         self.batch_size, self.num_workers, self.crop_size = int(batch_size), int(num_workers), int(crop_size)
@@ -57,6 +59,8 @@ class CellDataModule(L.LightningDataModule):
         self.shuffle_buffer, self.max_corrupt = max(int(shuffle_buffer), 1), int(max_corrupt)
         self.persistent_workers = persistent_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        # training flips/rot90: in finish_batch on the device, or (CPU-only training) in the workers
+        self.augment_on_device = torch.cuda.is_available() if augment_on_device is None else augment_on_device
         self.prepare()
 
     def prepare(self) -> None:
@@ -132,10 +136,11 @@ class CellDataModule(L.LightningDataModule):
             self._plate_idx = np.array([pos[k] for k in keys], dtype=np.int64)
         self._stats_mean = torch.tensor([s["mean"] for s in stats], dtype=torch.float32).view(-1, c)
         self._stats_std = torch.tensor([s["std"] for s in stats], dtype=torch.float32).view(-1, c)
-        self._finisher = BatchNormalizer(self.normalization, self._stats_mean, self._stats_std)
+        self._finisher = BatchFinisher(self.normalization, self._stats_mean, self._stats_std)
 
     def finish_batch(self, batch: dict) -> dict:
-        """A loader batch (uint8 ``image``, on any device) → the same batch with a float32 normalized image.
+        """A loader batch (uint8 ``image``, on any device) → the same batch with a float32 normalized image
+        (training crops flipped and rotated first, as drawn: ``flip_rot``).
 
         Lightning calls it after moving each batch to the device (:meth:`on_after_batch_transfer`); code
         that iterates this module's loaders itself calls it too (or the loader's ``finish_batch``, the

@@ -33,7 +33,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cellrep.data.transforms import BatchNormalizer, center_crop, random_crop_flip_rot90_view
+from cellrep.data.transforms import BatchFinisher, center_crop, flip_rot90_view, random_crop_view
 from cellrep.errors import CellrepError
 
 if TYPE_CHECKING:
@@ -140,11 +140,11 @@ class _Samples:
         self.ring: BatchRing | None = None  # set by the loader that runs this stream in workers
 
     def collate(self, items: list[tuple[int, np.ndarray]]) -> dict:
-        """uint8 batch: each sample's (strided) crop view is copied once, straight into the batch.
+        """uint8 batch: each sample's crop view is copied once, straight into the batch.
 
         In a loader worker the batch goes into one of the worker's reused shared-memory buffers
         (:class:`BatchRing`), so nothing is copied again to send it. Normalization happens later, on
-        the device (:class:`BatchNormalizer`).
+        the device (:class:`BatchFinisher`).
         """
         rows = np.fromiter((r for r, _ in items), dtype=np.int64, count=len(items))
         out, sent = _batch_buffer(self.ring, (len(items), self.shape[0], self.crop, self.crop))
@@ -255,6 +255,7 @@ class TrainStream(IterableDataset):
             self.members[os.path.join(self.s.shards_dir, name)] = (
                 g["row"].tolist(), g["npy_offset"].astype(np.int64).tolist(), g["npy_size"].astype(np.int64).tolist())
         self.rank, self.seed, self.shuffle_buffer = rank, dm.seed, dm.shuffle_buffer
+        self.augment_on_device = dm.augment_on_device
         self.num_batches = math.ceil(len(rows) / (dm.batch_size * world))
         self.state = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, batches to skip)
 
@@ -277,13 +278,20 @@ class TrainStream(IterableDataset):
         errors = SkipCounter(self.s.max_corrupt)
         urls = (rng.choice(self.urls) for _ in iter(int, 1))  # resampled: endless
         samples = _shard_samples(((u, *self.members[u]) for u in urls), errors, self.s.shape, self.s.header)
-        # crop before shuffling, as views: the buffer holds no pixel copies
-        crops = ((row, random_crop_flip_rot90_view(img, self.s.crop, gen)) for row, img in samples)
+        # crop before shuffling, as views: the buffer holds no pixel copies. Flips and rotations are drawn
+        # here, and applied either to the whole batch on the device (BatchFinisher: the worker copies plain
+        # rows) or here, as strided views copied into the batch (CPU-only training: in parallel workers)
+        crops = ((row, *random_crop_view(img, self.s.crop, gen)) for row, img in samples)
         stream = wds.filters._shuffle(crops, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
         for _ in range(skip_mine * self.s.batch_size):  # resume: replay the stream up to the saved position
             next(stream)
         for _ in range(mine - skip_mine):
-            yield self.s.collate([next(stream) for _ in range(self.s.batch_size)])
+            items = [next(stream) for _ in range(self.s.batch_size)]
+            if not self.augment_on_device:
+                yield self.s.collate([(row, flip_rot90_view(crop, flip_rot)) for row, crop, flip_rot in items])
+                continue
+            batch = self.s.collate([(row, crop) for row, crop, _ in items])
+            yield {**batch, "flip_rot": torch.tensor([flip_rot for *_, flip_rot in items], dtype=torch.uint8)}
 
 
 class EvalStream(IterableDataset):
@@ -341,7 +349,7 @@ class _RingLoader:
     warns about sized IterableDatasets)."""
 
     def __init__(self, stream: "TrainStream | EvalStream", num_workers: int, persistent_workers: bool,
-                 pin_memory: bool, finish_batch: BatchNormalizer):
+                 pin_memory: bool, finish_batch: BatchFinisher):
         self.stream, self.finish_batch = stream, finish_batch  # uint8 batch → normalized (see CellDataModule)
         self.ring = BatchRing(num_workers, stream.s.batch_shape, pin_memory) if num_workers else None
         stream.s.ring = self.ring
@@ -365,7 +373,7 @@ class _RingLoader:
 class EvalLoader(_RingLoader):
     """The validation/test/predict loader over :class:`EvalStream`."""
 
-    def __init__(self, stream: EvalStream, num_workers: int, pin_memory: bool, finish_batch: BatchNormalizer):
+    def __init__(self, stream: EvalStream, num_workers: int, pin_memory: bool, finish_batch: BatchFinisher):
         super().__init__(stream, min(num_workers, len(stream)), False, pin_memory, finish_batch)
 
     def __iter__(self):
@@ -382,7 +390,7 @@ class TrainLoader(_RingLoader):
     """
 
     def __init__(self, stream: TrainStream, num_workers: int, persistent_workers: bool, pin_memory: bool,
-                 finish_batch: BatchNormalizer):
+                 finish_batch: BatchFinisher):
         super().__init__(stream, num_workers, persistent_workers, pin_memory, finish_batch)
         self.epoch, self.yielded, self._resume = -1, 0, None
 

@@ -91,16 +91,22 @@ def random_crop_flip_rot90(x: torch.Tensor, size: int, generator: torch.Generato
     return torch.rot90(x, k, dims=(-2, -1)) if k else x
 
 
-def random_crop_flip_rot90_view(x: np.ndarray, size: int, generator: torch.Generator | None = None) -> np.ndarray:
-    """:func:`random_crop_flip_rot90` of a numpy C×H×W array as a strided *view* (no pixel is copied).
+def random_crop_view(x: np.ndarray, size: int, generator: torch.Generator | None = None) -> tuple[np.ndarray, tuple]:
+    """The crop of :func:`random_crop_flip_rot90` of a numpy C×H×W array, as a *view* (no pixel is
+    copied), and the rest of that draw: ``(flip W, flip H, quarter turns)`` for :func:`flip_rot90_batch`.
 
-    Same draws from ``generator`` and the same pixels: torch's flip/rot90 follow numpy's conventions,
-    but torch copies at each step, while numpy flips and rotates by strides. The loader copies the view
-    once, straight into its batch (docs/PERFORMANCE.md).
+    Same draws from ``generator``, so crop + :func:`flip_rot90_batch` gives the same pixels. The loader
+    copies the view once, straight into its batch; flips and rotations, strided copies that cost a
+    worker ~10× a plain row copy, run on the whole batch on the device (docs/PERFORMANCE.md).
     """
     _check_size(x, size)
     top, left, flip_w, flip_h, k = _draw(*x.shape[-2:], size, generator)
-    x = x[..., top:top + size, left:left + size]
+    return x[..., top:top + size, left:left + size], (flip_w, flip_h, k)
+
+
+def flip_rot90_view(x: np.ndarray, flip_rot: tuple) -> np.ndarray:
+    """One crop's ``(flip W, flip H, quarter turns)`` (from :func:`random_crop_view`) as a strided numpy view."""
+    flip_w, flip_h, k = flip_rot
     if flip_w:
         x = x[..., ::-1]
     if flip_h:
@@ -108,8 +114,28 @@ def random_crop_flip_rot90_view(x: np.ndarray, size: int, generator: torch.Gener
     return np.rot90(x, k, axes=(-2, -1)) if k else x
 
 
-class BatchNormalizer:
-    """Finishes a loader batch: uint8 ``image`` → float32 normalized, on whatever device it is on.
+def flip_rot90_batch(image: torch.Tensor, flip_rot: torch.Tensor) -> torch.Tensor:
+    """Per sample of a B×C×S×S batch: flip W, flip H, then ``k`` quarter turns, as
+    :func:`random_crop_flip_rot90` (``flip_rot``: B×3 rows of (flip W, flip H, k)).
+
+    Whole-batch flips and turns, each sample picking its own with ``torch.where``: about ten passes over
+    the batch, pure permutations (bit-exact), and no host sync, so a GPU step is never held up here.
+    """
+    if image.shape[-1] != image.shape[-2]:
+        raise CellrepError(f"flips/rot90 need square crops, got {tuple(image.shape[-2:])}",
+                           fix="set data.crop_size (crops are square)")
+    fr = flip_rot.to(image.device, non_blocking=True).view(-1, 3, 1, 1, 1)
+    flip_w, flip_h, k = fr[:, 0].bool(), fr[:, 1].bool(), fr[:, 2]
+    x = torch.where(flip_w, image.flip(-1), image)
+    x = torch.where(flip_h, x.flip(-2), x)
+    out = torch.where(k == 1, torch.rot90(x, 1, dims=(-2, -1)), x)
+    out = torch.where(k == 2, x.flip((-2, -1)), out)
+    return torch.where(k == 3, torch.rot90(x, 3, dims=(-2, -1)), out)
+
+
+class BatchFinisher:
+    """Finishes a loader batch: uint8 ``image`` → flipped/rotated (training batches carry ``flip_rot``,
+    see :func:`flip_rot90_batch`) and float32 normalized, on whatever device it is on.
 
     The loader's workers hand out uint8 crops and each sample's row of statistics (``plate``, a row
     of ``mean``/``std``, [P, C]); one vectorized :func:`normalize` over the whole batch then runs
@@ -142,4 +168,7 @@ class BatchNormalizer:
             mean, std = self._stats(image.device)
             plate = batch["plate"].to(image.device, non_blocking=True)
             stats = (mean[plate], std[plate])
-        return {**batch, "image": normalize(image, self.mode, stats)}
+        if "flip_rot" in batch:
+            image = flip_rot90_batch(image, batch["flip_rot"])
+        done = {k: v for k, v in batch.items() if k != "flip_rot"}
+        return {**done, "image": normalize(image, self.mode, stats)}
