@@ -78,3 +78,12 @@ def test_eval_batches_through_the_ring_equal_in_process_including_short_batches(
     loader = _dm(tiny_shards, num_workers=2, batch_size=5).eval_dataloader(stage)
     got = [{k: v.clone() for k, v in b.items()} for b in loader]
     assert len(got) == len(ref) and all(_same(a, b) for a, b in zip(got, ref))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
+def test_pinned_batches_are_taken_by_the_pin_thread_and_release_their_buffer_at_once(tiny_shards):
+    ref = _reference(tiny_shards)[0]
+    loader = _dm(tiny_shards, num_workers=1, pin_memory=True).train_dataloader()
+    got = list(loader)  # all held, yet every buffer is free again: the batches are pinned copies
+    assert all(b["image"].is_pinned() for b in got) and all(_same(a, b) for a, b in zip(got, ref, strict=True))
+    assert 0 < len(loader.ring._mapped) <= BatchRing.SLOTS and not loader.ring.busy.any()

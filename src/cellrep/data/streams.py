@@ -25,6 +25,7 @@ import mmap
 import os
 import random
 import tarfile
+import uuid
 import weakref
 from typing import TYPE_CHECKING
 
@@ -147,25 +148,41 @@ class _Samples:
         the device (:class:`BatchFinisher`).
         """
         rows = np.fromiter((r for r, _ in items), dtype=np.int64, count=len(items))
-        out, sent = _batch_buffer(self.ring, (len(items), self.shape[0], self.crop, self.crop))
+        out, image = _batch_buffer(self.ring, (len(items), self.shape[0], self.crop, self.crop))
         for i, (_, crop) in enumerate(items):
             out[i] = crop
-        return {"label": torch.from_numpy(self.label[rows]), "index": torch.from_numpy(rows),
-                "plate": torch.from_numpy(self.plate[rows]), **sent}
+        return {"image": image, "label": torch.from_numpy(self.label[rows]), "index": torch.from_numpy(rows),
+                "plate": torch.from_numpy(self.plate[rows])}
 
 
-def _batch_buffer(ring: "BatchRing | None", shape: tuple) -> tuple[np.ndarray, dict]:
-    """Where a batch image of ``shape`` is written, and the keys that send it to the main process."""
+def _batch_buffer(ring: "BatchRing | None", shape: tuple) -> tuple[np.ndarray, "torch.Tensor | RingImage"]:
+    """Where a batch image of ``shape`` is written, and what is sent as the batch's ``image``."""
     if get_worker_info() is None:  # in-process loading: nothing to send
         image = torch.empty(shape, dtype=torch.uint8)
-        return image.numpy(), {"image": image}
+        return image.numpy(), image
     if ring is not None:
         claimed = ring.claim(shape)
         if claimed is not None:
             return claimed
     # every buffer of this worker is still held by the consumer: a fresh block, as torch's collate does
     image = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
-    return image.numpy(), {"image": image}
+    return image.numpy(), image
+
+
+_RINGS: "weakref.WeakValueDictionary[str, BatchRing]" = weakref.WeakValueDictionary()  # main process, by token
+
+
+class RingImage:
+    """A batch image left in a worker's :class:`BatchRing` buffer, as the worker sends it: turned into a
+    tensor in the main process by :meth:`BatchRing.take`, called by the loader or, with pinned memory,
+    by the DataLoader's pin-memory thread (which calls ``pin_memory()`` on whatever a batch holds)."""
+
+    def __init__(self, token: str, generation: int, worker: int, slot: int, n: int, buffer=None):
+        self.token, self.generation, self.worker, self.slot, self.n = token, generation, worker, slot, n
+        self.buffer = buffer  # the buffer itself, the first time it is used: mapped once by the main process
+
+    def pin_memory(self, device=None) -> torch.Tensor:
+        return _RINGS[self.token].take(self, pin=True)
 
 
 class BatchRing:
@@ -174,13 +191,13 @@ class BatchRing:
     torch's DataLoader sends each worker batch to the main process in a new shared-memory block: the
     worker allocates it and faults in every page, the main process maps it, and both unmap it after
     the step (~13 ms per 12.6 MB batch, about half a worker's time; docs/PERFORMANCE.md). Here each
-    worker keeps up to ``slots`` buffers of a full batch. The first batch written into a buffer
-    carries the buffer itself (``ring_buffer``, mapped once by the main process, which keeps the
-    mapping); later batches carry only ``ring`` = (worker, slot, batch length).
+    worker keeps up to ``slots`` buffers of a full batch and sends a :class:`RingImage` (which buffer,
+    how many rows) as the batch's ``image``; the buffer itself travels once, and the main process keeps
+    its mapping.
 
     A buffer is written again only after the main process released it (``busy`` flags in shared
     memory, set by the worker, cleared by the main process): when the last tensor viewing that batch
-    image is freed (views and slices included), or at once when :meth:`receive` copied it into pinned
+    image is freed (views and slices included), or at once when :meth:`take` copied it into pinned
     memory. A worker whose buffers are all held (a consumer that keeps batches) sends a fresh block
     instead, so keeping batches is safe; it only costs the speed-up.
 
@@ -190,13 +207,16 @@ class BatchRing:
 
     SLOTS = 4  # prefetch_factor (2) queued batches + the one being filled + one held by the consumer
 
-    def __init__(self, num_workers: int, batch_shape: tuple, pin_memory: bool, slots: int = SLOTS):
-        self.num_workers, self.batch_shape, self.slots, self.pin_memory = num_workers, tuple(batch_shape), slots, pin_memory
+    def __init__(self, num_workers: int, batch_shape: tuple, slots: int = SLOTS):
+        self.num_workers, self.batch_shape, self.slots = num_workers, tuple(batch_shape), slots
+        self.token, self.generation = uuid.uuid4().hex, 0
+        _RINGS[self.token] = self
         self.restart()
 
     def restart(self) -> None:
         """(main process) Fresh flags and no mapped buffers, for new worker processes. Batches still
         held from before keep their own mappings and release into the old flags."""
+        self.generation += 1
         self.busy = torch.zeros((self.num_workers, self.slots), dtype=torch.uint8).share_memory_()
         self._busy, self._mine, self._mapped = self.busy.numpy(), [], {}
 
@@ -207,39 +227,39 @@ class BatchRing:
         self.__dict__.update(state)
         self._busy = self.busy.numpy()
 
-    def claim(self, shape: tuple) -> tuple[np.ndarray, dict] | None:
+    def claim(self, shape: tuple) -> tuple[np.ndarray, RingImage] | None:
         """(worker side) A free buffer for a batch of ``shape`` (its first ``shape[0]`` rows) and the
-        keys to send, or None when all of this worker's buffers are still held."""
+        image to send, or None when all of this worker's buffers are still held."""
         worker, n = get_worker_info().id, shape[0]
         busy = self._busy[worker]
         for slot, buf in enumerate(self._mine):
             if not busy[slot]:
                 busy[slot] = 1
-                return buf.numpy()[:n], {"ring": torch.tensor([worker, slot, n])}
+                return buf.numpy()[:n], RingImage(self.token, self.generation, worker, slot, n)
         if len(self._mine) == self.slots:
             return None
         buf = torch.empty(0, dtype=torch.uint8).set_(
             torch.UntypedStorage._new_shared(math.prod(self.batch_shape))).view(self.batch_shape)
         self._mine.append(buf)
-        busy[len(self._mine) - 1] = 1
-        return buf.numpy()[:n], {"ring": torch.tensor([worker, len(self._mine) - 1, n]), "ring_buffer": buf}
+        slot = len(self._mine) - 1
+        busy[slot] = 1
+        return buf.numpy()[:n], RingImage(self.token, self.generation, worker, slot, n, buf)
 
-    def receive(self, batch: dict) -> dict:
-        """(main process) A worker's batch with its ``image`` (a view of the ring buffer, or its pinned copy)."""
-        if "ring" not in batch:
-            return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
-        worker, slot, n = batch.pop("ring").tolist()
-        if "ring_buffer" in batch:
-            self._mapped[worker, slot] = batch.pop("ring_buffer").numpy()
-        view = self._mapped[worker, slot][:n]
-        if self.pin_memory:
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-            batch["image"] = torch.from_numpy(view).pin_memory()
-            self._busy[worker, slot] = 0
-        else:  # released when the last tensor sharing this view's memory is freed
-            weakref.finalize(view, self._busy.__setitem__, (worker, slot), 0)
-            batch["image"] = torch.from_numpy(view)
-        return batch
+    def take(self, image: RingImage, pin: bool = False) -> torch.Tensor:
+        """(main process) The batch image: a view of the ring buffer, or (``pin``) its pinned copy."""
+        if image.generation != self.generation:  # only an abandoned iterator's pin thread can see one
+            raise CellrepError("a batch of a finished loader iteration arrived after a new one started",
+                               fix="iterate one loader pass at a time")
+        key = image.worker, image.slot
+        if image.buffer is not None:
+            self._mapped[key] = image.buffer.numpy()
+        view = self._mapped[key][:image.n]
+        if pin:
+            pinned = torch.from_numpy(view).pin_memory()
+            self._busy[key] = 0
+            return pinned
+        weakref.finalize(view, self._busy.__setitem__, key, 0)  # the last tensor sharing the view is gone
+        return torch.from_numpy(view)
 
 
 class TrainStream(IterableDataset):
@@ -351,10 +371,9 @@ class _RingLoader:
     def __init__(self, stream: "TrainStream | EvalStream", num_workers: int, persistent_workers: bool,
                  pin_memory: bool, finish_batch: BatchFinisher):
         self.stream, self.finish_batch = stream, finish_batch  # uint8 batch → normalized (see CellDataModule)
-        self.ring = BatchRing(num_workers, stream.s.batch_shape, pin_memory) if num_workers else None
+        self.ring = BatchRing(num_workers, stream.s.batch_shape) if num_workers else None
         stream.s.ring = self.ring
-        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                 pin_memory=pin_memory and not num_workers,  # with workers the ring pins
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                  persistent_workers=persistent_workers and num_workers > 0,
                                  worker_init_fn=_one_thread)
         self._workers_started = False
@@ -366,8 +385,10 @@ class _RingLoader:
         if self.ring is not None and not (self.loader.persistent_workers and self._workers_started):
             self.ring.restart()  # new worker processes are about to start
         self._workers_started = True
-        for batch in self.loader:
-            yield batch if self.ring is None else self.ring.receive(batch)
+        for batch in self.loader:  # with pinned memory, the pin thread already took ring images
+            if isinstance(batch["image"], RingImage):
+                batch["image"] = self.ring.take(batch["image"])
+            yield batch
 
 
 class EvalLoader(_RingLoader):
