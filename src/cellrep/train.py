@@ -23,6 +23,7 @@ from cellrep.knowledge.inputs import context_inputs, graph_inputs
 from cellrep.report import run_report
 from cellrep.resume import attach_wandb_identity, job_environment, pin_ddp_children, resume_checkpoint
 from cellrep.rundir import RunDir
+from cellrep.strategy import trainer_strategy
 from cellrep.tasks.init_from import load_encoder
 from cellrep.tasks.mae import MAETask
 from cellrep.tasks.supervised import SupervisedTask
@@ -104,8 +105,9 @@ def train(cfg: DictConfig) -> float | None:
     attach_wandb_identity(cfg, run.path)  # a resumed run logs into the same wandb run
     loggers = instantiate_all(cfg.get("logger"))
     plugins = [AtomicCheckpointIO()]
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks,
-                        logger=loggers or False, plugins=plugins)
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args["strategy"] = trainer_strategy(trainer_args["strategy"], model)  # fsdp: one unit per block
+    trainer = L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     for logger in loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "code": version})
 
