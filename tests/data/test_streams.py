@@ -36,10 +36,12 @@ def test_a_worker_reuses_at_most_slots_buffers_and_batches_equal_in_process(tiny
         assert _same(batch, want)
         got += 1
         del batch
+        if got == len(ref) - 1:
+            assert 0 < len(loader.ring._mapped) <= BatchRing.SLOTS
     assert got == len(ref) > 2 * BatchRing.SLOTS  # more batches than buffers: buffers were reused
-    assert 0 < len(loader.ring._mapped) <= BatchRing.SLOTS
     gc.collect()
     assert not loader.ring.busy.any()  # every buffer released once its batches are gone
+    assert loader.ring._mapped == {}  # and, the pass over, no longer mapped by the loader
 
 
 def test_kept_batches_and_kept_slices_are_never_overwritten(tiny_shards):

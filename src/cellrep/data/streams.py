@@ -220,6 +220,11 @@ class BatchRing:
         self.busy = torch.zeros((self.num_workers, self.slots), dtype=torch.uint8).share_memory_()
         self._busy, self._mine, self._mapped = self.busy.numpy(), [], {}
 
+    def forget(self) -> None:
+        """(main process) Drop the mappings of buffers no worker will fill again (shared memory is freed
+        once no batch views them)."""
+        self._mapped = {}
+
     def __getstate__(self) -> dict:  # spawned workers: the shared flags only
         return {**self.__dict__, "_busy": None, "_mine": [], "_mapped": {}}
 
@@ -385,10 +390,14 @@ class _RingLoader:
         if self.ring is not None and not (self.loader.persistent_workers and self._workers_started):
             self.ring.restart()  # new worker processes are about to start
         self._workers_started = True
-        for batch in self.loader:  # with pinned memory, the pin thread already took ring images
-            if isinstance(batch["image"], RingImage):
-                batch["image"] = self.ring.take(batch["image"])
-            yield batch
+        try:
+            for batch in self.loader:  # with pinned memory, the pin thread already took ring images
+                if isinstance(batch["image"], RingImage):
+                    batch["image"] = self.ring.take(batch["image"])
+                yield batch
+        finally:
+            if self.ring is not None and not self.loader.persistent_workers:
+                self.ring.forget()  # the workers are gone: their buffers live on only in batches still held
 
 
 class EvalLoader(_RingLoader):
