@@ -164,9 +164,13 @@ def _batch_buffer(ring: "BatchRing | None", shape: tuple) -> tuple[np.ndarray, "
         claimed = ring.claim(shape)
         if claimed is not None:
             return claimed
-    # every buffer of this worker is still held by the consumer: a fresh block, as torch's collate does
-    image = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
+    image = _shared_uint8(shape)  # every buffer of this worker is still held: a fresh block, as torch's collate does
     return image.numpy(), image
+
+
+def _shared_uint8(shape: tuple) -> torch.Tensor:
+    """An uninitialized uint8 tensor in shared memory (sent to the main process without a copy)."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
 
 
 _RINGS: "weakref.WeakValueDictionary[str, BatchRing]" = weakref.WeakValueDictionary()  # main process, by token
@@ -243,8 +247,7 @@ class BatchRing:
                 return buf.numpy()[:n], RingImage(self.token, self.generation, worker, slot, n)
         if len(self._mine) == self.slots:
             return None
-        buf = torch.empty(0, dtype=torch.uint8).set_(
-            torch.UntypedStorage._new_shared(math.prod(self.batch_shape))).view(self.batch_shape)
+        buf = _shared_uint8(self.batch_shape)
         self._mine.append(buf)
         slot = len(self._mine) - 1
         busy[slot] = 1
