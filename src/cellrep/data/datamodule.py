@@ -7,8 +7,10 @@ training batches also ``"flip_rot": uint8 B×3``; ``index`` is the row of :attr:
 (any metadata), ``plate`` the sample's row of normalization statistics, ``flip_rot`` each crop's drawn
 flips and quarter turns. Workers ship plain uint8 crops (a quarter of float32's bytes, no float work
 and no strided copies on the CPU); :meth:`CellDataModule.finish_batch` flips/rotates and normalizes
-the batch on the device, vectorized. Lightning runs it in ``on_after_batch_transfer``; anything that iterates the
-loaders itself calls it (or the loader's ``finish_batch``, the same function).
+the batch on the device, vectorized. Lightning runs it in ``on_after_batch_transfer``; anything that
+iterates the loaders itself calls it (or the loader's ``finish_batch``, the same function). Without
+CUDA (``augment_on_device`` false) the workers flip and rotate, and training batches carry no
+``flip_rot``.
 """
 
 from __future__ import annotations
