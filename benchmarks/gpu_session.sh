@@ -27,7 +27,7 @@ status=0
 for stage in $stages; do
   echo "== $stage ($(date -u +%H:%M:%S) UTC)"
   case $stage in
-    tests) python3 -m pytest -q -rs tests/data/test_streams.py tests/models/test_vit_throughput_script.py ;;
+    tests) python3 -m pytest -q -rs tests/data/test_batch_ring.py tests/models/test_vit_throughput_script.py ;;
     throughput) python3 benchmarks/gpu_throughput.py --json "$out/gpu_throughput.json" ;;
     loader) python3 benchmarks/loader.py --workers 1 4 16 --repeats 3 ;;
     train) CELLREP_ROOT=/tmp/cellrep-gpu-session cellrep-train trainer=gpu trainer.max_epochs=2 data.num_workers=8 \

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cellrep.data.datamodule import CellDataModule
-from cellrep.data.streams import BatchRing
+from cellrep.data.batch_ring import BatchRing
 
 SPLIT = {"name": "random", "test_fraction": 0.3, "val_fraction": 0.0, "holdout": None, "shots": 0, "seed": 0}
 
