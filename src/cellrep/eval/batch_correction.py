@@ -46,7 +46,8 @@ def pca_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def inverse_sqrt(cov: np.ndarray) -> np.ndarray:
-    """``cov^(-1/2)`` of a symmetric positive-definite matrix (eigendecomposition)."""
+    """``cov^(-1/2)`` of a symmetric positive-definite matrix (eigendecomposition): the direct definition
+    that :func:`coral` is tested and benchmarked against (benchmarks/eval_cost.py)."""
     vals, vecs = np.linalg.eigh(cov)
     return (vecs / np.sqrt(vals)) @ vecs.T
 
