@@ -134,7 +134,7 @@ def read_node_names(path: str | Path) -> dict[str, str]:
     return dict(zip(table[id_col].str.strip(), table[name_col].str.strip()))
 
 
-def _string_edges(path: Path, names: dict[str, str] | None) -> tuple[pd.DataFrame, str]:
+def _string_edges(path: Path, names: dict[str, str] | None) -> pd.DataFrame:
     table = _read_table(path, r"\s+", "STRING file")
     score = pd.to_numeric(table["combined_score"], errors="coerce")
     if score.isna().any() or (score < 0).any() or (score > 1000).any():
@@ -146,11 +146,11 @@ def _string_edges(path: Path, names: dict[str, str] | None) -> tuple[pd.DataFram
     a, b = table["protein1"].str.strip(), table["protein2"].str.strip()
     if names is not None:
         a, b = a.map(lambda x: names.get(x, x)), b.map(lambda x: names.get(x, x))
-    return pd.DataFrame({"a": a, "b": b, "weight": score.to_numpy(float)}), "string"
+    return pd.DataFrame({"a": a, "b": b, "weight": score.to_numpy(float)})
 
 
 def _hetionet_edges(path: Path, names: dict[str, str] | None,
-                    metaedges: Iterable[str]) -> tuple[pd.DataFrame, str]:
+                    metaedges: Iterable[str]) -> pd.DataFrame:
     table = _read_table(path, "\t", "Hetionet edge file")
     gene_gene = table["source"].str.startswith(HETIONET_GENE_PREFIX) & table["target"].str.startswith(
         HETIONET_GENE_PREFIX)
@@ -167,7 +167,7 @@ def _hetionet_edges(path: Path, names: dict[str, str] | None,
         return ids.str.removeprefix(HETIONET_GENE_PREFIX)
 
     return pd.DataFrame({"a": symbol(table["source"]), "b": symbol(table["target"]),
-                         "weight": np.ones(len(table))}), "hetionet"
+                         "weight": np.ones(len(table))})
 
 
 def resolve_graph_path(path_or_name: str | Path) -> Path:
@@ -192,9 +192,9 @@ def load_graph(path_or_name: str | Path, nodes: str | Path | None = None,
         pairs = load_pairs(path)
         raw = pd.DataFrame({"a": pairs["gene_a"], "b": pairs["gene_b"], "weight": np.ones(len(pairs))})
     elif fmt == "string":
-        raw, _ = _string_edges(path, names)
+        raw = _string_edges(path, names)
     else:
-        raw, _ = _hetionet_edges(path, names, metaedges)
+        raw = _hetionet_edges(path, names, metaedges)
     nodes_set = frozenset(raw["a"]) | frozenset(raw["b"])
     raw = raw[(raw["a"] != raw["b"]) & (raw["a"] != "") & (raw["b"] != "") & (raw["weight"] > 0)]
     swap = raw["b"] < raw["a"]
