@@ -232,6 +232,12 @@ def _layout(spec: SyntheticScreenSpec, biology: planted.Biology) -> pd.DataFrame
     return pd.DataFrame(rows, columns=columns)
 
 
+def cell_type_base(seed: int, cell_type: str, num_params: int) -> np.ndarray:
+    """Base-morphology shift of every site of ``cell_type`` (also the synthetic context vector,
+    :func:`cellrep.knowledge.context.synthetic_context`)."""
+    return CELL_TYPE_SPREAD * _rng(seed, "cell_type", cell_type).standard_normal(num_params)
+
+
 def slot_shift(spec: SyntheticScreenSpec, plate: int, num_params: int) -> np.ndarray:
     """Systematic shift of plate slot ``plate`` (the same in every experiment; zero for plate 1)."""
     shift = np.zeros(num_params)
@@ -252,7 +258,7 @@ def _site_morphology(spec: SyntheticScreenSpec, biology: planted.Biology, row, n
     distortion = np.eye(num_params) + strength * DISTORTION / np.sqrt(num_params) * np.reshape(
         _rng(spec.seed, "distortion", row.experiment).standard_normal(num_params * num_params), (num_params, -1)
     )
-    z = CELL_TYPE_SPREAD * normal("cell_type", row.cell_type)
+    z = cell_type_base(spec.seed, row.cell_type, num_params)
     z += distortion @ biology.shift(row.sirna, row.concentration)
     z += strength * BATCH_DRIFT * normal("drift", row.experiment)
     z += strength * PLATE_DRIFT * normal("drift", row.experiment, row.plate)

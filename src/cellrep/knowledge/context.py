@@ -8,9 +8,8 @@ nothing but a row in this file.
 
 ``model.context_path=synthetic`` derives the file for the synthetic screen:
 each cell type's row is the base-morphology shift the generator adds to every
-site of that type (:mod:`cellrep.data.synthetic`, ``CELL_TYPE_SPREAD ·
-N(0, I)`` drawn from the stream ``("cell_type", name)``), recomputed here by
-calling the generator's own functions. It is a *stand-in* for a
+site of that type (:func:`cellrep.data.synthetic.cell_type_base`, the
+generator's own function). It is a *stand-in* for a
 transcriptomic embedding, and an idealized one: it describes exactly how the
 cell type's baseline differs, where a real embedding is a noisy, indirect
 description.
@@ -76,8 +75,8 @@ def synthetic_context(synthetic_cfg) -> pd.DataFrame:
 
     seed = int(synthetic_cfg["seed"])
     channels = len(synthetic_cfg["channel_names"])
-    rows = {str(c): synthetic.CELL_TYPE_SPREAD * synthetic._rng(seed, "cell_type", str(c)).standard_normal(
-        num_parameters(channels)) for c in synthetic_cfg["cell_types"]}
+    rows = {str(c): synthetic.cell_type_base(seed, str(c), num_parameters(channels))
+            for c in synthetic_cfg["cell_types"]}
     return pd.DataFrame.from_dict(rows, orient="index", columns=list(parameter_names(channels)))
 
 
