@@ -39,6 +39,7 @@ import json
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from itertools import repeat
 from pathlib import Path
 
@@ -286,16 +287,13 @@ class TiffPlateSource:
                                fix="check that the metadata and the image files belong together")
         for i in np.flatnonzero(keep)[:20] if not self.channel_names else ():  # multipage: count pages
             try:
-                self.channel_names = tuple(f"ch{c + 1}" for c in range(len(self._raw_planes(paths[i]))))
+                self.channel_names = tuple(f"ch{c + 1}" for c in range(len(raw_planes(paths[i], self.channel_names))))
                 break
             except UnreadableSite:
                 continue
         return keep
 
     # ------------------------------------------------------------- reading
-    def _raw_planes(self, files: tuple[Path, ...]) -> list[np.ndarray]:
-        return raw_planes(files, self.channel_names)
-
     def _plate_sample(self, experiment: str, plate: int) -> list[tuple[Path, ...]]:
         """The files of a fixed, evenly spaced sample of the plate's sites (``sample_sites`` of them)."""
         if self._plate_rows is None:  # row positions per plate, in metadata order
@@ -323,17 +321,14 @@ class TiffPlateSource:
         plates = [(e, int(p)) for e, p in self.metadata[["experiment", "plate"]].drop_duplicates()
                   .itertuples(index=False) if f"{e}/{int(p)}" not in self._levels]
         samples = [self._plate_sample(e, p) for e, p in plates]
-        with tqdm(total=len(plates), desc="16-bit percentile levels", unit="plate", disable=not show) as bar:
-            if workers > 0 and len(plates) > 1:
-                with ProcessPoolExecutor(min(workers, len(plates))) as pool:
-                    done = pool.map(percentile_levels, samples, repeat(self.channel_names), repeat(self.percentile))
-                    for (e, p), levels in zip(plates, done):
-                        self._levels[f"{e}/{p}"] = levels
-                        bar.update(1)
-            else:
-                for (e, p), sample in zip(plates, samples):
-                    self._levels[f"{e}/{p}"] = percentile_levels(sample, self.channel_names, self.percentile)
-                    bar.update(1)
+        parallel = workers > 0 and len(plates) > 1
+        with ProcessPoolExecutor(min(workers, len(plates))) if parallel else nullcontext() as pool, \
+                tqdm(total=len(plates), desc="16-bit percentile levels", unit="plate", disable=not show) as bar:
+            run = pool.map if parallel else map
+            done = run(percentile_levels, samples, repeat(self.channel_names), repeat(self.percentile))
+            for (e, p), levels in zip(plates, done):
+                self._levels[f"{e}/{p}"] = levels
+                bar.update(1)
         return self._levels
 
     def _rule(self) -> dict:
@@ -354,7 +349,7 @@ class TiffPlateSource:
             i = self._rows[site_id]
         except KeyError:
             raise CellrepError(f"site '{site_id}' is not in the TIFF metadata", fix="use a listed site_id") from None
-        planes = self._raw_planes(self._files[i])
+        planes = raw_planes(self._files[i], self.channel_names)
         row = self.metadata.iloc[i]
         levels = self._plate_levels(row["experiment"], int(row["plate"])) if self.rule == "percentile" else None
         return np.stack([to_uint8(p, self.rule, levels[c] if levels else None, self.max_value, self.shift)
