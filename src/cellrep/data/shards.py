@@ -140,44 +140,41 @@ def _write_shard(source, spec: dict, rows: list[dict], out_dir: Path, shape, fin
     stats = {"all": empty_sums(c), "controls": empty_sums(c)}
     offsets, skipped = [], []
 
-    def write(f):
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for sid, row in zip(spec["site_ids"], rows):
-                try:
-                    img = source.load(sid)
-                except UnreadableSite as exc:  # bad input: counted and named at the end
-                    skipped.append({"kind": "unreadable_image", "item": sid, "detail": exc.problem})
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                except CellrepError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 — name the site, keep the cause
-                    raise CellrepError(
-                        f"{source.name}: reading site {sid} failed: {type(exc).__name__}: {exc}",
-                        fix="repair or remove that image; rerunning resumes from the finished shards",
-                    ) from exc
-                img = _check_image(img, sid, shape)
-                buf = io.BytesIO()
-                np.save(buf, img, allow_pickle=False)
-                key = shard_key(sid)
-                meta = json.dumps({k: _json_value(v) for k, v in row.items()}).encode()
-                for member, data in ((f"{key}.npy", buf.getvalue()), (f"{key}.json", meta)):
-                    info = tarfile.TarInfo(member)
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
-                    if member.endswith(".npy"):  # tar.offset: end of the padded data
-                        offsets.append([tar.offset - 512 * -(-len(data) // 512), len(data)])
-                s, sq = image_sums(img)
-                one = {"sites": 1, "pixels": img.shape[1] * img.shape[2], "sum": s, "sumsq": sq}
-                add_sums(stats["all"], one)
-                if row["well_type"] == "negative_control":
-                    add_sums(stats["controls"], one)
+    with atomic_open(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for sid, row in zip(spec["site_ids"], rows):
+            try:
+                img = source.load(sid)
+            except UnreadableSite as exc:  # bad input: counted and named at the end
+                skipped.append({"kind": "unreadable_image", "item": sid, "detail": exc.problem})
                 if bar is not None:
                     bar.update(1)
+                continue
+            except CellrepError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — name the site, keep the cause
+                raise CellrepError(
+                    f"{source.name}: reading site {sid} failed: {type(exc).__name__}: {exc}",
+                    fix="repair or remove that image; rerunning resumes from the finished shards",
+                ) from exc
+            img = _check_image(img, sid, shape)
+            buf = io.BytesIO()
+            np.save(buf, img, allow_pickle=False)
+            key = shard_key(sid)
+            meta = json.dumps({k: _json_value(v) for k, v in row.items()}).encode()
+            for member, data in ((f"{key}.npy", buf.getvalue()), (f"{key}.json", meta)):
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+                if member.endswith(".npy"):  # tar.offset: end of the padded data
+                    offsets.append([tar.offset - 512 * -(-len(data) // 512), len(data)])
+            s, sq = image_sums(img)
+            one = {"sites": 1, "pixels": img.shape[1] * img.shape[2], "sum": s, "sumsq": sq}
+            add_sums(stats["all"], one)
+            if row["well_type"] == "negative_control":
+                add_sums(stats["controls"], one)
+            if bar is not None:
+                bar.update(1)
 
-    with atomic_open(path) as f:
-        write(f)
     sidecar = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "name": spec["name"],
                "sites_digest": _digest(spec["site_ids"]), "num_samples": len(offsets), "skipped": skipped,
                "size_bytes": path.stat().st_size, "offsets": offsets, **stats}
