@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import cellrep  # noqa: F401  (torchvision compat before timm/lightning)
 
+# isort: split
 import os
 import platform
 import statistics
@@ -26,6 +27,7 @@ CHANNELS = 6
 def machine() -> str:
     """One line naming the machine, for the tables in docs/PERFORMANCE.md."""
     import torch
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -34,8 +36,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    return (
+        f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def site_image(rng: np.random.Generator, size: int = 512, channels: int = CHANNELS) -> np.ndarray:
@@ -64,17 +68,29 @@ def make_rxrx1(root: Path, n_sites: int, size: int = 512, seed: int = 0, plates:
         for c in range(CHANNELS):
             Image.fromarray(img[c]).save(folder / f"{well}_s{site}_w{c + 1}.png", compress_level=6)
         control = (i // plates) % 4 == 0
-        rows.append({"site_id": f"EXP-01_{plate}_{well}_{site}", "well_id": f"EXP-01_{plate}_{well}",
-                     "cell_type": "HUVEC", "dataset": "train", "experiment": "EXP-01", "plate": plate,
-                     "well": well, "site": site, "well_type": "negative_control" if control else "treatment",
-                     "sirna": "EMPTY" if control else f"s{i % 16}", "sirna_id": i % 16})
+        rows.append(
+            {
+                "site_id": f"EXP-01_{plate}_{well}_{site}",
+                "well_id": f"EXP-01_{plate}_{well}",
+                "cell_type": "HUVEC",
+                "dataset": "train",
+                "experiment": "EXP-01",
+                "plate": plate,
+                "well": well,
+                "site": site,
+                "well_type": "negative_control" if control else "treatment",
+                "sirna": "EMPTY" if control else f"s{i % 16}",
+                "sirna_id": i % 16,
+            }
+        )
     pd.DataFrame(rows).to_csv(root / "metadata.csv", index=False)
     return root
 
 
 def shard(root: Path, out: Path, samples_per_shard: int = 32) -> dict:
-    from cellrep.data.rxrx1 import RxRx1Source
-    from cellrep.data.shards import write_shards
+    from cellrep.data.shards.writer import write_shards
+    from cellrep.data.sources.rxrx1 import RxRx1Source
+
     return write_shards(RxRx1Source(root), out, samples_per_shard=samples_per_shard, progress=False)
 
 
@@ -96,8 +112,10 @@ def median(xs) -> float:
 
 def table(header: list[str], rows: list[list]) -> str:
     """A GitHub markdown table (pasted as is into docs/PERFORMANCE.md)."""
+
     def fmt(v):
         return f"{v:,.1f}" if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)

@@ -23,9 +23,8 @@ import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, site_image, table  # noqa: E402
-
 import numpy as np  # noqa: E402
+from _common import machine, median, site_image, table  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
@@ -54,6 +53,7 @@ def _png_load(planes):
 
 def _tiff(img):
     import tifffile
+
     buf = io.BytesIO()
     tifffile.imwrite(buf, img, compression="zlib")
     return buf.getvalue()
@@ -61,15 +61,18 @@ def _tiff(img):
 
 def _tiff_load(data):
     import tifffile
+
     return tifffile.imread(io.BytesIO(data))
 
 
 def codecs() -> dict:
     """name → (encode, decode); bytes of the encoded sample are len() or the sum of parts."""
-    c = {"npy (raw)": (_npy, _npy_load),
-         "npy + zlib-1": (lambda i: zlib.compress(_npy(i), 1), lambda d: _npy_load(zlib.decompress(d))),
-         "npy + zlib-6": (lambda i: zlib.compress(_npy(i), 6), lambda d: _npy_load(zlib.decompress(d))),
-         "PNG ×6 (RxRx1)": (_png, _png_load)}
+    c = {
+        "npy (raw)": (_npy, _npy_load),
+        "npy + zlib-1": (lambda i: zlib.compress(_npy(i), 1), lambda d: _npy_load(zlib.decompress(d))),
+        "npy + zlib-6": (lambda i: zlib.compress(_npy(i), 6), lambda d: _npy_load(zlib.decompress(d))),
+        "PNG ×6 (RxRx1)": (_png, _png_load),
+    }
     try:
         _tiff_load(_tiff(np.zeros((2, 8, 8), np.uint8)))
         c["TIFF deflate"] = (_tiff, _tiff_load)
@@ -77,8 +80,11 @@ def codecs() -> dict:
         print(f"# TIFF deflate skipped: {exc!r}")
     try:
         import zstandard
-        c["npy + zstd-3"] = (lambda i: zstandard.ZstdCompressor(level=3).compress(_npy(i)),
-                             lambda d: _npy_load(zstandard.ZstdDecompressor().decompress(d)))
+
+        c["npy + zstd-3"] = (
+            lambda i: zstandard.ZstdCompressor(level=3).compress(_npy(i)),
+            lambda d: _npy_load(zstandard.ZstdDecompressor().decompress(d)),
+        )
     except ImportError:
         print("# npy + zstd skipped: `zstandard` is not installed")
     return c
@@ -116,11 +122,14 @@ def main(argv=None) -> None:
     rows = []
     for name in enc:
         b = median([size(x) for x in enc[name]])
-        rows.append([name, f"{b / 1e6:.2f} MB", f"{b / raw:.2f}", median(rates[name]),
-                     f"{median(rates[name]) / base:.2f}"])
+        rows.append(
+            [name, f"{b / 1e6:.2f} MB", f"{b / raw:.2f}", median(rates[name]), f"{median(rates[name]) / base:.2f}"]
+        )
     print(f"# machine: {machine()}")
-    print(f"# {a.samples} synthetic 6×512×512 uint8 sites ({raw / 1e6:.2f} MB raw), decode from memory, "
-          f"1 process, {a.repeats} repeats (medians)")
+    print(
+        f"# {a.samples} synthetic 6×512×512 uint8 sites ({raw / 1e6:.2f} MB raw), decode from memory, "
+        f"1 process, {a.repeats} repeats (medians)"
+    )
     print(table(["encoding", "bytes/sample", "÷ raw", "decode samples/s per core", "÷ npy"], rows))
 
 

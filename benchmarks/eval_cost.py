@@ -25,13 +25,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, table  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from _common import machine, median, table  # noqa: E402
 
-from cellrep.eval.batch_correction import (  # noqa: E402
-    CORAL_RIDGE, center_scale, correct, inverse_sqrt, pca_fit)
+from cellrep.eval.batch_correction import CORAL_RIDGE, center_scale, correct, inverse_sqrt, pca_fit  # noqa: E402
 from cellrep.eval.embeddings import Embeddings  # noqa: E402
 from cellrep.eval.recall import cosine_matrix, gene_embeddings, pair_recall  # noqa: E402
 
@@ -40,10 +38,14 @@ def screen(wells: int, dim: int, genes: int, experiments: int, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     control = rng.random(wells) < 0.05
     gene = np.array([f"G{i:05d}" for i in range(genes)])[rng.integers(0, genes, wells)]
-    meta = pd.DataFrame({"experiment": [f"E{i % experiments:02d}" for i in range(wells)],
-                         "perturbation": np.where(control, "EMPTY_control", gene),
-                         "perturbation_type": np.where(control, "control", "CRISPR"),
-                         "well_type": np.where(control, "negative_control", "treatment")})
+    meta = pd.DataFrame(
+        {
+            "experiment": [f"E{i % experiments:02d}" for i in range(wells)],
+            "perturbation": np.where(control, "EMPTY_control", gene),
+            "perturbation_type": np.where(control, "control", "CRISPR"),
+            "well_type": np.where(control, "negative_control", "treatment"),
+        }
+    )
     return Embeddings(meta, rng.standard_normal((wells, dim), dtype=np.float32))
 
 
@@ -99,11 +101,18 @@ def main(argv=None) -> None:
         res = timed("recall: null + pairs (pair_recall)", lambda: pair_recall(genes, cos, pairs))
     rows = [[k, f"{median(v):.2f}", f"{median(cpu[k]):.2f}"] for k, v in times.items()]
     now = [k for k in times if not k.startswith("TVN before")]
-    rows.append(["**total (TVN now + recall)**", f"{sum(median(times[k]) for k in now):.2f}",
-                 f"{sum(median(cpu[k]) for k in now):.2f}"])
+    rows.append(
+        [
+            "**total (TVN now + recall)**",
+            f"{sum(median(times[k]) for k in now):.2f}",
+            f"{sum(median(cpu[k]) for k in now):.2f}",
+        ]
+    )
     print(f"# machine: {machine()}")
-    print(f"# {a.wells:,} wells × {a.dim:,} features, {a.experiments} experiments, {len(genes):,} genes, "
-          f"{res['n_pairs']:,} pairs present, null of {res['n_null']:,} cosines; median of {a.repeats}")
+    print(
+        f"# {a.wells:,} wells × {a.dim:,} features, {a.experiments} experiments, {len(genes):,} genes, "
+        f"{res['n_pairs']:,} pairs present, null of {res['n_null']:,} cosines; median of {a.repeats}"
+    )
     # CPU seconds (all threads of this process) next to wall seconds: on a shared machine the wall
     # clock also counts time spent waiting for a core
     print(table(["stage", "wall seconds", "CPU seconds"], rows))
@@ -111,8 +120,10 @@ def main(argv=None) -> None:
         # both share the same PCA axes (same SVD call); float32 storage of the new output bounds the
         # agreement at ~1e-7 relative
         new = corrected.features.astype(np.float64)
-        print(f"# max |TVN now − TVN before| = {np.abs(new - old).max():.2e} "
-              f"(outputs' max |value| {np.abs(old).max():.1f}; the new one is stored as float32)")
+        print(
+            f"# max |TVN now − TVN before| = {np.abs(new - old).max():.2e} "
+            f"(outputs' max |value| {np.abs(old).max():.1f}; the new one is stored as float32)"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ Without CUDA (and without ``--device cpu``) it prints why and exits 0.
 
 from __future__ import annotations
 
+import cellrep  # noqa: F401  (torchvision compat before timm)
+
+# isort: split
 import argparse
 import contextlib
 import json
@@ -27,17 +30,26 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-import cellrep  # noqa: F401  (torchvision compat before timm)
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cellrep.models.backbone import build_backbone
-from cellrep.tasks.mae import MAETask
+from cellrep.training.tasks.mae import MAETask
 
 # Dense bf16 tensor-core peaks (vendor datasheets, no sparsity), matched on the device name.
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1,
-                    "A10G": 125.0, "A10": 125.0, "L4": 121.0, "RTX 4090": 165.2, "V100": 125.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100 PCIe": 756.0,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "A10G": 125.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "RTX 4090": 165.2,
+    "V100": 125.0,
+}
 
 
 @dataclass
@@ -65,9 +77,16 @@ def peak_tflops(device: torch.device, override: Optional[float]) -> Optional[flo
 def mae_case(channels: int, size: int, tiny: bool, compile: bool):
     dims = dict(embed_dim=64, depth=2, num_heads=4) if tiny else {}
     dec = dict(decoder_dim=64, decoder_depth=2, decoder_heads=4) if tiny else {}
-    task = MAETask({"name": "vit_large_patch8_256", "img_size": size, "kwargs": dims}, channels,
-                   optimizer={}, scheduler={}, mask_ratio=0.75, compile=compile, reconstructions_every_n_steps=0,
-                   **dec)
+    task = MAETask(
+        {"name": "vit_large_patch8_256", "img_size": size, "kwargs": dims},
+        channels,
+        optimizer={},
+        scheduler={},
+        mask_ratio=0.75,
+        compile=compile,
+        reconstructions_every_n_steps=0,
+        **dec,
+    )
     return task, lambda images: task(images)["loss"]
 
 
@@ -78,8 +97,9 @@ def resnet_case(channels: int, size: int, tiny: bool, compile: bool, num_classes
     labels: dict[int, torch.Tensor] = {}
 
     def loss(images: torch.Tensor) -> torch.Tensor:
-        target = labels.setdefault(images.shape[0], torch.randint(num_classes, (images.shape[0],),
-                                                                  device=images.device))
+        target = labels.setdefault(
+            images.shape[0], torch.randint(num_classes, (images.shape[0],), device=images.device)
+        )
         return F.cross_entropy(run(images.contiguous(memory_format=torch.channels_last)).float(), target)
 
     return model, loss
@@ -120,9 +140,17 @@ def measure(case: str, compile: bool, batch: int, flops: float, args, device: to
     seconds = (time.perf_counter() - start) / args.steps
     peak = peak_tflops(device, args.peak_tflops)
     achieved = flops / seconds / 1e12
-    return Result(case=case, compiled=compile, batch=batch, images_per_s=batch / seconds, step_ms=seconds * 1e3,
-                  tflops_per_s=achieved, mfu=achieved / peak if peak else None, gflops_per_image=flops / batch / 1e9,
-                  peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0)
+    return Result(
+        case=case,
+        compiled=compile,
+        batch=batch,
+        images_per_s=batch / seconds,
+        step_ms=seconds * 1e3,
+        tflops_per_s=achieved,
+        mfu=achieved / peak if peak else None,
+        gflops_per_image=flops / batch / 1e9,
+        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+    )
 
 
 def bf16(device: torch.device, args):
@@ -147,14 +175,18 @@ def count_flops(make_case: Callable, args, device: torch.device, batch: int) -> 
     return float(counter.get_total_flops())
 
 
-HEADER = (f"{'case':<12} {'compile':<7} {'batch':>5} {'images/s':>10} {'step ms':>9} {'TFLOP/s':>8} "
-          f"{'MFU':>6} {'GFLOP/img':>10} {'mem GiB':>8}")
+HEADER = (
+    f"{'case':<12} {'compile':<7} {'batch':>5} {'images/s':>10} {'step ms':>9} {'TFLOP/s':>8} "
+    f"{'MFU':>6} {'GFLOP/img':>10} {'mem GiB':>8}"
+)
 
 
 def row(r: Result) -> str:
     mfu = f"{100 * r.mfu:5.1f}%" if r.mfu is not None else "   n/a"
-    return (f"{r.case:<12} {'yes' if r.compiled else 'no':<7} {r.batch:>5} {r.images_per_s:>10.1f} "
-            f"{r.step_ms:>9.1f} {r.tflops_per_s:>8.1f} {mfu:>6} {r.gflops_per_image:>10.1f} {r.peak_mem_gib:>8.1f}")
+    return (
+        f"{r.case:<12} {'yes' if r.compiled else 'no':<7} {r.batch:>5} {r.images_per_s:>10.1f} "
+        f"{r.step_ms:>9.1f} {r.tflops_per_s:>8.1f} {mfu:>6} {r.gflops_per_image:>10.1f} {r.peak_mem_gib:>8.1f}"
+    )
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -179,16 +211,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_throughput: skipped: no CUDA device is available (this benchmark measures GPU training "
-              "throughput; run it on a GPU machine, or pass --device cpu --tiny to smoke-test the script)")
+        print(
+            "gpu_throughput: skipped: no CUDA device is available (this benchmark measures GPU training "
+            "throughput; run it on a GPU machine, or pass --device cpu --tiny to smoke-test the script)"
+        )
         return 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     compile_modes = {"both": [False, True], "yes": [True], "no": [False]}[args.compile]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name}; {args.channels} channels × {args.size} px, "
-          f"{'fp32' if args.fp32 else 'bf16 autocast'}; {args.warmup} warmup + {args.steps} timed steps\n{HEADER}")
+    print(
+        f"device: {name}; {args.channels} channels × {args.size} px, "
+        f"{'fp32' if args.fp32 else 'bf16 autocast'}; {args.warmup} warmup + {args.steps} timed steps\n{HEADER}"
+    )
     results = []
     for case in args.cases.split(","):
         batch = args.batch_mae if case.startswith("mae") else args.batch_resnet
@@ -198,8 +234,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(row(results[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "results": [asdict(r) for r in results]}, f,
-                      indent=1)
+            json.dump(
+                {"device": name, "torch": torch.__version__, "results": [asdict(r) for r in results]}, f, indent=1
+            )
     return 0
 
 

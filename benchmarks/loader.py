@@ -35,16 +35,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, make_rxrx1, median, rate, shard, table  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import machine, make_rxrx1, median, rate, shard, table  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from cellrep.data.datamodule import CellDataModule  # noqa: E402
-from cellrep.data.streams import TrainLoader, TrainStream, _one_thread  # noqa: E402
-from cellrep.data.transforms import normalize, random_crop_flip_rot90  # noqa: E402
+from cellrep.data.loading.datamodule import CellDataModule  # noqa: E402
+from cellrep.data.loading.streams import TrainLoader, TrainStream, _one_thread  # noqa: E402
+from cellrep.data.loading.transforms import normalize, random_crop_flip_rot90  # noqa: E402
 
 SPLIT = {"name": "random", "test_fraction": 0.05, "val_fraction": 0.0}
 # The stream's shuffle buffer reads two samples per batch slot until it is full; the timed window
@@ -57,8 +56,10 @@ class PngSites(Dataset):
 
     def __init__(self, dm: CellDataModule, root: Path, rows: np.ndarray):
         self.dm, self.rows = dm, rows
-        self.paths = [[root / "images" / r.experiment / f"Plate{r.plate}" / f"{r.well}_s{r.site}_w{c}.png"
-                       for c in range(1, 7)] for r in dm.index.iloc[rows].itertuples()]
+        self.paths = [
+            [root / "images" / r.experiment / f"Plate{r.plate}" / f"{r.well}_s{r.site}_w{c}.png" for c in range(1, 7)]
+            for r in dm.index.iloc[rows].itertuples()
+        ]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -88,8 +89,14 @@ def shard_loader(dm: CellDataModule, workers: int, finish: bool = True):
 def png_loader(dm: CellDataModule, root: Path, workers: int):
     ds = PngSites(dm, root, dm._stage_rows["train"])
     sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=10**6)
-    return DataLoader(ds, batch_size=dm.batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=ds.collate, worker_init_fn=_one_thread)
+    return DataLoader(
+        ds,
+        batch_size=dm.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=ds.collate,
+        worker_init_fn=_one_thread,
+    )
 
 
 _PAYLOADS: list[bytes] = []
@@ -138,9 +145,19 @@ def main(argv=None) -> None:
         make_rxrx1(tmp / "rxrx1", a.sites)
         shard(tmp / "rxrx1", tmp / "shards")
         print(f"# generated and sharded {a.sites} sites in {time.perf_counter() - t0:.0f}s", flush=True)
-        dms = {on_device: CellDataModule(tmp / "shards", SPLIT, batch_size=a.batch_size, num_workers=1, crop_size=256,
-                                         normalization="plate_controls", shuffle_buffer=SHUFFLE_BUFFER,
-                                         augment_on_device=on_device) for on_device in (False, True)}
+        dms = {
+            on_device: CellDataModule(
+                tmp / "shards",
+                SPLIT,
+                batch_size=a.batch_size,
+                num_workers=1,
+                crop_size=256,
+                normalization="plate_controls",
+                shuffle_buffer=SHUFFLE_BUFFER,
+                augment_on_device=on_device,
+            )
+            for on_device in (False, True)
+        }
         dm = dms[False]  # CPU-only training: flips/rot90 in the workers
         warm = -(-SHUFFLE_BUFFER // a.batch_size) + 2
         _PAYLOADS[:] = load_payloads(dm)
@@ -162,16 +179,44 @@ def main(argv=None) -> None:
     for w in a.workers:
         s, u, g, c = res["shards", w], res["uint8", w], res["png", w], res["ceiling", w]
         ratio = lambda xs, ys: median([x / y for x, y in zip(xs, ys)])  # noqa: E731
-        rows.append([w, median(s), median(u), median(g), median(c), ratio(s, g), ratio(u, g),
-                     f"{100 * ratio(s, c):.0f}%", f"{100 * ratio(u, c):.0f}%"])
-    print(f"# machine: {machine()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
-          f"(at start: {' '.join(f'{x:.1f}' for x in load0)})")
-    print(f"# {a.sites} sites 6×512×512 → crop 256, batch {a.batch_size}, {a.repeats} repeats (medians); "
-          "(1) = CPU-only training: flips in the workers, loader + finish_batch on the CPU (main process); "
-          "(2) = a GPU run: loader alone (flips/rot90 and normalization on the device)")
-    print(table(["workers", "shard loader samples/s (1) float", "(2) uint8", "(a) PNG per-file samples/s",
-                 "(b) npy decode ceiling samples/s", "(1) ÷ (a) (bar ≥ 10×)", "(2) ÷ (a) (bar ≥ 10×)",
-                 "(1) ÷ (b) (bar ≥ 70%)", "(2) ÷ (b) (bar ≥ 70%)"], rows))
+        rows.append(
+            [
+                w,
+                median(s),
+                median(u),
+                median(g),
+                median(c),
+                ratio(s, g),
+                ratio(u, g),
+                f"{100 * ratio(s, c):.0f}%",
+                f"{100 * ratio(u, c):.0f}%",
+            ]
+        )
+    print(
+        f"# machine: {machine()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+        f"(at start: {' '.join(f'{x:.1f}' for x in load0)})"
+    )
+    print(
+        f"# {a.sites} sites 6×512×512 → crop 256, batch {a.batch_size}, {a.repeats} repeats (medians); "
+        "(1) = CPU-only training: flips in the workers, loader + finish_batch on the CPU (main process); "
+        "(2) = a GPU run: loader alone (flips/rot90 and normalization on the device)"
+    )
+    print(
+        table(
+            [
+                "workers",
+                "shard loader samples/s (1) float",
+                "(2) uint8",
+                "(a) PNG per-file samples/s",
+                "(b) npy decode ceiling samples/s",
+                "(1) ÷ (a) (bar ≥ 10×)",
+                "(2) ÷ (a) (bar ≥ 10×)",
+                "(1) ÷ (b) (bar ≥ 70%)",
+                "(2) ÷ (b) (bar ≥ 70%)",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

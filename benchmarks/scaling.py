@@ -23,16 +23,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, rate, site_image, table  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-
-from cellrep.data.datamodule import CellDataModule  # noqa: E402
-from cellrep.data.rxrx1 import _to_canonical  # noqa: E402
-from cellrep.data.shards import write_shards  # noqa: E402
+from _common import machine, median, rate, site_image, table  # noqa: E402
 from loader import SHUFFLE_BUFFER, SPLIT, shard_loader  # noqa: E402
+
+from cellrep.data.loading.datamodule import CellDataModule  # noqa: E402
+from cellrep.data.shards.writer import write_shards  # noqa: E402
+from cellrep.data.sources.rxrx1 import _to_canonical  # noqa: E402
 
 
 class ArraySource:
@@ -42,11 +41,18 @@ class ArraySource:
 
     def __init__(self, n: int, images: list[np.ndarray]):
         self.name, self.fingerprint, self.images = f"bench-{n}", f"bench-{n}", images
-        raw = pd.DataFrame({"site_id": [f"E_1_{i:05d}_1" for i in range(n)], "cell_type": "HUVEC",
-                            "experiment": "E", "plate": [str(1 + i % 2) for i in range(n)],
-                            "well": [f"W{i:05d}" for i in range(n)], "site": "1",
-                            "well_type": ["negative_control" if i % 8 < 2 else "treatment" for i in range(n)],
-                            "sirna": [f"s{i % 16}" if i % 8 >= 2 else "EMPTY" for i in range(n)]})
+        raw = pd.DataFrame(
+            {
+                "site_id": [f"E_1_{i:05d}_1" for i in range(n)],
+                "cell_type": "HUVEC",
+                "experiment": "E",
+                "plate": [str(1 + i % 2) for i in range(n)],
+                "well": [f"W{i:05d}" for i in range(n)],
+                "site": "1",
+                "well_type": ["negative_control" if i % 8 < 2 else "treatment" for i in range(n)],
+                "sirna": [f"s{i % 16}" if i % 8 >= 2 else "EMPTY" for i in range(n)],
+            }
+        )
         self.metadata = _to_canonical(raw, self.name)
         self._row = {s: i for i, s in enumerate(raw["site_id"])}
 
@@ -76,18 +82,33 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             manifest = write_shards(ArraySource(n, images), out, samples_per_shard=a.per_shard, progress=False)
             write = n / (time.perf_counter() - t0)
-            dm = CellDataModule(out, SPLIT, batch_size=a.batch_size, num_workers=1, crop_size=256,
-                                shuffle_buffer=min(SHUFFLE_BUFFER, n), augment_on_device=True)
+            dm = CellDataModule(
+                out,
+                SPLIT,
+                batch_size=a.batch_size,
+                num_workers=1,
+                crop_size=256,
+                shuffle_buffer=min(SHUFFLE_BUFFER, n),
+                augment_on_device=True,
+            )
             warm = -(-min(SHUFFLE_BUFFER, n) // a.batch_size) + 2
-            load = {w: median([rate(shard_loader(dm, w, finish=False), a.batches, warm) for _ in range(a.repeats)])
-                    for w in a.workers}
+            load = {
+                w: median([rate(shard_loader(dm, w, finish=False), a.batches, warm) for _ in range(a.repeats)])
+                for w in a.workers
+            }
             rows.append([n, len(manifest["shards"]), write] + [load[w] for w in a.workers])
             print(f"# {n} sites done", flush=True)
     print(f"# machine: {machine()}")
-    print(f"# writer: in-memory source, 1 process, {a.per_shard} sites/shard; loader: crop 256, batch "
-          f"{a.batch_size}, {a.batches} timed batches, median of {a.repeats}")
-    print(table(["sites", "shards", "writer samples/s"] + [f"loader uint8 samples/s, {w} worker(s)" for w in a.workers],
-                rows))
+    print(
+        f"# writer: in-memory source, 1 process, {a.per_shard} sites/shard; loader: crop 256, batch "
+        f"{a.batch_size}, {a.batches} timed batches, median of {a.repeats}"
+    )
+    print(
+        table(
+            ["sites", "shards", "writer samples/s"] + [f"loader uint8 samples/s, {w} worker(s)" for w in a.workers],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -26,13 +26,12 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, table  # noqa: E402
-
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _common import machine, median, table  # noqa: E402
 
-from cellrep.tasks.supervised import SupervisedTask  # noqa: E402
+from cellrep.training.tasks.supervised import SupervisedTask  # noqa: E402
 
 OPT = {"name": "adamw", "base_lr": 4e-3, "weight_decay": 0.05, "betas": [0.9, 0.999]}
 SCHED = {"warmup_fraction": 0.05, "min_lr_ratio": 0.01}
@@ -70,21 +69,32 @@ class _Batches:
 
 def lightning_time(task: SupervisedTask, batches, batch_size: int, warmup: int, steps: int) -> float:
     clock = _Clock()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=warmup + steps,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        callbacks=[clock])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[clock],
+    )
     trainer.fit(task, datamodule=_Data(batches, batch_size))
     return (clock.t[warmup + steps - 1] - clock.t[warmup - 1]) / steps
 
 
 def bare_time(task: SupervisedTask, batches, warmup: int, steps: int) -> float:
     """The same step written by hand: the optimizer and schedule come from the task itself."""
-    from cellrep.tasks.optim import build_optimizer, scaled_lr, warmup_cosine
+    from cellrep.training.optim import build_optimizer, scaled_lr, warmup_cosine
+
     model = task.backbone
     model.train()
-    opt = build_optimizer(task, OPT["name"], scaled_lr(OPT["base_lr"], len(batches[0]["label"])),
-                          OPT["weight_decay"], tuple(OPT["betas"]))
+    opt = build_optimizer(
+        task, OPT["name"], scaled_lr(OPT["base_lr"], len(batches[0]["label"])), OPT["weight_decay"], tuple(OPT["betas"])
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup + steps, **SCHED))
     t = []
     for i in range(warmup + steps):
@@ -110,9 +120,13 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; 1 keeps the timing stable on a shared machine (idle OpenMP threads "
-                        "spin-wait for cores other jobs hold)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 keeps the timing stable on a shared machine (idle OpenMP threads "
+        "spin-wait for cores other jobs hold)",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.batch_size, a.crop, a.warmup, a.steps, a.repeats = 4, 32, 2, 3, 1
@@ -122,9 +136,14 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     classes = 32
-    batches = [{"image": torch.randn(a.batch_size, 6, a.crop, a.crop),
-                "label": torch.randint(0, classes, (a.batch_size,)),
-                "index": torch.arange(a.batch_size)} for _ in range(4)]
+    batches = [
+        {
+            "image": torch.randn(a.batch_size, 6, a.crop, a.crop),
+            "label": torch.randint(0, classes, (a.batch_size,)),
+            "index": torch.arange(a.batch_size),
+        }
+        for _ in range(4)
+    ]
     first = SupervisedTask({"name": a.model}, 6, classes, OPT, SCHED)
     n = a.warmup + a.steps
     lit, bare = [], []
@@ -133,11 +152,19 @@ def main(argv=None) -> None:
         bare.append(bare_time(copy.deepcopy(first), batches, a.warmup, a.steps))
     over = median([x / y - 1 for x, y in zip(lit, bare)])
     print(f"# machine: {machine()}; torch threads {torch.get_num_threads()}")
-    print(f"# {a.model}, 6×{a.crop}×{a.crop}, batch {a.batch_size}, fp32, AdamW; {a.steps} timed steps after "
-          f"{a.warmup} warm-up, {a.repeats} alternating repeats (medians)")
-    print(table(["loop", "ms/step", "overhead (bar ≤ 5%)"],
-                [["bare PyTorch", 1000 * median(bare), "—"],
-                 ["Trainer + SupervisedTask", 1000 * median(lit), f"{100 * over:+.1f}%"]]))
+    print(
+        f"# {a.model}, 6×{a.crop}×{a.crop}, batch {a.batch_size}, fp32, AdamW; {a.steps} timed steps after "
+        f"{a.warmup} warm-up, {a.repeats} alternating repeats (medians)"
+    )
+    print(
+        table(
+            ["loop", "ms/step", "overhead (bar ≤ 5%)"],
+            [
+                ["bare PyTorch", 1000 * median(bare), "—"],
+                ["Trainer + SupervisedTask", 1000 * median(lit), f"{100 * over:+.1f}%"],
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import cellrep  # noqa: F401
+
+# isort: split
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-import cellrep  # noqa: F401
-from cellrep.cli import register_resolvers
+from cellrep.cli.common import register_resolvers
 from cellrep.config import register_configs
 
 register_configs()

@@ -23,8 +23,9 @@ def test_every_group_is_shipped():
         assert options(group), f"config group {group}/ is empty"
 
 
-@pytest.mark.parametrize("group", ["data", "split", "model", "task", "trainer", "logger", "callbacks", "paths",
-                                   "debug"])
+@pytest.mark.parametrize(
+    "group", ["data", "split", "model", "task", "trainer", "logger", "callbacks", "paths", "debug"]
+)
 def test_each_option_composes_and_validates(make_cfg, group):
     extra = {"data": ["data.root=/x"], "split": ["split.holdout=RPE"]}.get(group, [])
     for option in options(group):

@@ -38,9 +38,7 @@ def _load_torchvision_extension() -> bool:
     if spec is None or not spec.submodule_search_locations:
         return True
     package_dir = list(spec.submodule_search_locations)[0]
-    candidates = glob.glob(os.path.join(package_dir, "_C*.so")) + glob.glob(
-        os.path.join(package_dir, "_C*.pyd")
-    )
+    candidates = glob.glob(os.path.join(package_dir, "_C*.so")) + glob.glob(os.path.join(package_dir, "_C*.pyd"))
     if not candidates:
         return False
     try:

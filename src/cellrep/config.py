@@ -17,8 +17,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from cellrep.data.schema import RXRX1_CHANNELS
 from cellrep.errors import CellrepError
-from cellrep.schema import RXRX1_CHANNELS
 
 Normalization = Enum("Normalization", ["plate_controls", "self", "global"])
 SplitName = Enum("SplitName", ["batch", "random", "cell_type", "official"])
@@ -56,7 +56,7 @@ class PlateMapConfig:
 
 @dataclass
 class TiffConfig:
-    """Options of data=tiff (and data=jump_load_data); see cellrep.data.tiff_plates."""
+    """Options of data=tiff (and data=jump_load_data); see cellrep.data.sources.tiff_plates."""
 
     layout: TiffLayout = TiffLayout.auto  # auto: load_data if FileName_Orig* columns, else from data.pattern
     constants: dict[str, Any] = field(default_factory=dict)  # canonical column -> value for every row
@@ -71,12 +71,16 @@ class TiffConfig:
     def __post_init__(self) -> None:
         lo, hi = (list(self.percentile) + [None, None])[:2]
         if len(self.percentile) != 2 or not 0.0 <= lo < hi <= 100.0:
-            raise CellrepError(f"data.tiff.percentile={list(self.percentile)} is not [low, high] in 0..100",
-                               fix="e.g. data.tiff.percentile=[0.1,99.9]")
+            raise CellrepError(
+                f"data.tiff.percentile={list(self.percentile)} is not [low, high] in 0..100",
+                fix="e.g. data.tiff.percentile=[0.1,99.9]",
+            )
         if self.sample_sites < 1 or self.max_value < 1 or not 0 <= self.shift <= 16:
-            raise CellrepError(f"data.tiff: sample_sites={self.sample_sites}, max_value={self.max_value}, "
-                               f"shift={self.shift} out of range",
-                               fix="use sample_sites >= 1, max_value >= 1, 0 <= shift <= 16")
+            raise CellrepError(
+                f"data.tiff: sample_sites={self.sample_sites}, max_value={self.max_value}, "
+                f"shift={self.shift} out of range",
+                fix="use sample_sites >= 1, max_value >= 1, 0 <= shift <= 16",
+            )
 
 
 @dataclass
@@ -93,12 +97,12 @@ class DataConfig:
     num_workers: int = 2
     label_column: str = "perturbation"
     synthetic: Optional[SyntheticScreenConfig] = None
-    # real-dataset readers (data=rxrx3_core, data=tiff): cellrep.data.rxrx3_core, cellrep.data.tiff_plates
+    # real-dataset readers (data=rxrx3_core, data=tiff): cellrep.data.sources.rxrx3_core, cellrep.data.sources.tiff_plates
     metadata: Optional[str] = None  # metadata table relative to root; null: the dataset's standard name
     pattern: Optional[str] = None  # tiff: image path template, e.g. {plate}/{well}_s{site}_w{channel_index}.tif
     columns: dict[str, str] = field(default_factory=dict)  # tiff: canonical column -> metadata column
     bit_depth_rule: BitDepthRule = BitDepthRule.percentile  # tiff: 16->8 bit rule, recorded in the manifest
-    max_bad_fraction: float = 0.01  # sharding fails when more of the input is bad (cellrep.data.shards)
+    max_bad_fraction: float = 0.01  # sharding fails when more of the input is bad (cellrep.data.shards.writer)
     max_corrupt: int = 100  # training stops after more corrupt shard members were skipped (DESIGN §7)
     # flips/rot90 of training crops: on the device with normalization (null: when CUDA is available),
     # or in the loader workers (false: CPU-only training keeps them in parallel processes)
@@ -107,11 +111,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise CellrepError(f"data.max_bad_fraction={self.max_bad_fraction} is not a fraction",
-                               fix="use 0 (no bad input tolerated) .. 1; default 0.01")
+            raise CellrepError(
+                f"data.max_bad_fraction={self.max_bad_fraction} is not a fraction",
+                fix="use 0 (no bad input tolerated) .. 1; default 0.01",
+            )
         if self.max_corrupt < 0:
-            raise CellrepError(f"data.max_corrupt={self.max_corrupt} is negative",
-                               fix="use 0 (stop at the first corrupt shard member) or more; default 100")
+            raise CellrepError(
+                f"data.max_corrupt={self.max_corrupt} is negative",
+                fix="use 0 (stop at the first corrupt shard member) or more; default 100",
+            )
 
 
 @dataclass
@@ -165,7 +173,7 @@ class SchedulerConfig:
 
 @dataclass
 class GraphPriorConfig:
-    """Knowledge-graph prior of both tasks (DESIGN §6, cellrep.tasks.graph_loss): supervised on the pooled
+    """Knowledge-graph prior of both tasks (DESIGN §6, cellrep.knowledge.graph_loss): supervised on the pooled
     backbone features, MAE on the pooled encoder features."""
 
     graph_loss: str = "none"  # none | graph_contrastive | laplacian
@@ -175,14 +183,15 @@ class GraphPriorConfig:
     graph_nodes: Optional[str] = None  # node table mapping ids to symbols (Hetionet nodes.tsv, STRING protein.info)
 
     def __post_init__(self) -> None:
-        from cellrep.tasks.graph_loss import GRAPH_LOSSES
+        from cellrep.knowledge.graph_loss import GRAPH_LOSSES
 
         if self.graph_loss not in GRAPH_LOSSES:
             raise CellrepError(f"unknown task.graph_loss '{self.graph_loss}'", fix=f"use one of {list(GRAPH_LOSSES)}")
         if self.graph_weight < 0 or self.graph_temperature <= 0:
-            raise CellrepError(f"task.graph_weight={self.graph_weight} / task.graph_temperature="
-                               f"{self.graph_temperature} out of range",
-                               fix="use graph_weight >= 0 and graph_temperature > 0 (0.1 in DESIGN §6)")
+            raise CellrepError(
+                f"task.graph_weight={self.graph_weight} / task.graph_temperature={self.graph_temperature} out of range",
+                fix="use graph_weight >= 0 and graph_temperature > 0 (0.1 in DESIGN §6)",
+            )
 
 
 @dataclass
@@ -194,7 +203,7 @@ class TaskConfig(GraphPriorConfig):
     init_from: Optional[str] = None  # checkpoint whose encoder starts the backbone (keys checked exactly)
     monitor: str = "val/acc"  # the metric that picks checkpoints/best.ckpt
     monitor_mode: str = "max"
-    # de novo protocol (split=cell_type, split.shots=k; cellrep.knowledge.fewshot): after training on the other
+    # de novo protocol (split=cell_type, split.shots=k; cellrep.training.fewshot): after training on the other
     # cell types, fine-tune this many epochs on the k shots of the held-out type; 0: one joint fit (shots in train)
     finetune_epochs: int = 0
     finetune_base_lr: Optional[float] = None  # null: optimizer.base_lr
@@ -203,13 +212,15 @@ class TaskConfig(GraphPriorConfig):
         super().__post_init__()
         _check_init_from(self.init_from)
         if self.finetune_epochs < 0:
-            raise CellrepError(f"task.finetune_epochs={self.finetune_epochs} is negative",
-                               fix="use 0 (no fine-tuning phase) or a positive number of epochs")
+            raise CellrepError(
+                f"task.finetune_epochs={self.finetune_epochs} is negative",
+                fix="use 0 (no fine-tuning phase) or a positive number of epochs",
+            )
 
 
 @dataclass
 class MAETaskConfig(GraphPriorConfig):
-    """Masked-autoencoder pretraining (task=mae); see cellrep.tasks.mae."""
+    """Masked-autoencoder pretraining (task=mae); see cellrep.training.tasks.mae."""
 
     name: str = "mae"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -229,21 +240,28 @@ class MAETaskConfig(GraphPriorConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.mask_ratio < 1.0:
-            raise CellrepError(f"task.mask_ratio={self.mask_ratio} leaves nothing to see or nothing to predict",
-                               fix="use 0 < task.mask_ratio < 1 (0.75 in the MAE papers)")
+            raise CellrepError(
+                f"task.mask_ratio={self.mask_ratio} leaves nothing to see or nothing to predict",
+                fix="use 0 < task.mask_ratio < 1 (0.75 in the MAE papers)",
+            )
         if self.fourier_weight < 0:
             raise CellrepError(f"task.fourier_weight={self.fourier_weight} is negative", fix="use a weight >= 0")
         if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
-            raise CellrepError(f"task.decoder_dim={self.decoder_dim} must be divisible by decoder_heads="
-                               f"{self.decoder_heads} and by 4 (sin-cos positions)", fix="e.g. decoder_dim=512")
+            raise CellrepError(
+                f"task.decoder_dim={self.decoder_dim} must be divisible by decoder_heads="
+                f"{self.decoder_heads} and by 4 (sin-cos positions)",
+                fix="e.g. decoder_dim=512",
+            )
 
 
 def _check_init_from(path: Optional[str]) -> None:
     from pathlib import Path
 
     if path is not None and not Path(path).is_file():
-        raise CellrepError(f"task.init_from: no checkpoint at {path}",
-                           fix="point it at a pretraining run's checkpoints/last.ckpt (or drop task.init_from)")
+        raise CellrepError(
+            f"task.init_from: no checkpoint at {path}",
+            fix="point it at a pretraining run's checkpoints/last.ckpt (or drop task.init_from)",
+        )
 
 
 @dataclass
@@ -283,7 +301,6 @@ class PathsConfig:
     output_dir: str = MISSING
 
 
-
 # ---------------------------------------------------------------------------
 # Evaluation: cellrep-probe and cellrep-eval (DESIGN §5). Primary configs
 # `probe.yaml` / `eval.yaml` use these as their schema; each benchmark in
@@ -310,9 +327,10 @@ class ProbeTrainingConfig:
 
     def __post_init__(self) -> None:
         if not self.lrs or min(self.lrs) <= 0 or self.epochs < 1 or self.batch_size < 2:
-            raise CellrepError(f"probe settings out of range (lrs={self.lrs}, epochs={self.epochs}, "
-                               f"batch_size={self.batch_size})",
-                               fix="use positive learning rates, probe.epochs >= 1, probe.batch_size >= 2")
+            raise CellrepError(
+                f"probe settings out of range (lrs={self.lrs}, epochs={self.epochs}, batch_size={self.batch_size})",
+                fix="use positive learning rates, probe.epochs >= 1, probe.batch_size >= 2",
+            )
 
 
 @dataclass
@@ -323,8 +341,10 @@ class RecallConfig:
     def __post_init__(self) -> None:
         for pair in self.thresholds:
             if len(pair) != 2 or not 0.0 <= pair[0] < pair[1] <= 1.0:
-                raise CellrepError(f"recall threshold {list(pair)} is not a (lower, upper) pair in [0, 1]",
-                                   fix="use e.g. benchmarks.recall.thresholds=[[0.05,0.95],[0.1,0.9]]")
+                raise CellrepError(
+                    f"recall threshold {list(pair)} is not a (lower, upper) pair in [0, 1]",
+                    fix="use e.g. benchmarks.recall.thresholds=[[0.05,0.95],[0.1,0.9]]",
+                )
 
 
 @dataclass
@@ -373,7 +393,9 @@ class EvalRunConfig(ProbeRunConfig):
     embeddings: Optional[str] = None
     metadata: Optional[str] = None  # a separate metadata table for `embeddings`, joined on join_on
     join_on: str = "well_id"
-    rename: Any = None  # {file column: canonical column}, e.g. {gene: perturbation} (Any: Hydra cannot merge into a None dict)
+    rename: Any = (
+        None  # {file column: canonical column}, e.g. {gene: perturbation} (Any: Hydra cannot merge into a None dict)
+    )
     block: str = "best"  # an index, a block name, "last", or "best" (probe, or probe_results)
     probe_results: Optional[str] = None  # probe.json of a cellrep-probe run, for block=best
     corrections: list[str] = field(default_factory=lambda: list(CORRECTIONS))
@@ -384,15 +406,23 @@ class EvalRunConfig(ProbeRunConfig):
     def __post_init__(self) -> None:
         bad = [c for c in self.corrections if c not in CORRECTIONS]
         if bad or not self.corrections:
-            raise CellrepError(f"unknown batch correction(s) {bad}" if bad else "corrections is empty",
-                               fix=f"use corrections=[...] from {list(CORRECTIONS)}")
-        if self.rename is not None and not (isinstance(self.rename, dict) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in self.rename.items())):
-            raise CellrepError(f"rename={self.rename!r} is not a mapping of column names",
-                               fix="use rename={file_column:canonical_column,...}, e.g. rename={gene:perturbation}")
+            raise CellrepError(
+                f"unknown batch correction(s) {bad}" if bad else "corrections is empty",
+                fix=f"use corrections=[...] from {list(CORRECTIONS)}",
+            )
+        if self.rename is not None and not (
+            isinstance(self.rename, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in self.rename.items())
+        ):
+            raise CellrepError(
+                f"rename={self.rename!r} is not a mapping of column names",
+                fix="use rename={file_column:canonical_column,...}, e.g. rename={gene:perturbation}",
+            )
         if (self.ckpt_path is None) == (self.embeddings is None):
-            raise CellrepError("cellrep-eval needs exactly one of ckpt_path=... and embeddings=...",
-                               fix="pass ckpt_path=<checkpoint> or embeddings=<parquet with feature_* columns>")
+            raise CellrepError(
+                "cellrep-eval needs exactly one of ckpt_path=... and embeddings=...",
+                fix="pass ckpt_path=<checkpoint> or embeddings=<parquet with feature_* columns>",
+            )
 
 
 def register_configs() -> None:
@@ -407,8 +437,12 @@ def register_configs() -> None:
     # evaluation (see the block above)
     cs.store(name="schema_probe", node=ProbeRunConfig)
     cs.store(name="schema_eval", node=EvalRunConfig)
-    for name, node in (("recall", RecallConfig), ("consistency", ConsistencyConfig), ("dti", DTIConfig),
-                       ("classification", ClassificationConfig)):
+    for name, node in (
+        ("recall", RecallConfig),
+        ("consistency", ConsistencyConfig),
+        ("dti", DTIConfig),
+        ("classification", ClassificationConfig),
+    ):
         cs.store(group="benchmarks", name=f"schema_{name}", node={name: node})
 
 
@@ -432,6 +466,8 @@ def to_schema(cfg: DictConfig) -> dict[str, Any]:
             except CellrepError:
                 raise
             except Exception as exc:  # missing mandatory values and the like
-                raise CellrepError(f"config group '{group}' is incomplete: {exc}",
-                                   fix=f"set the missing value on the command line, e.g. {group}.<key>=...") from None
+                raise CellrepError(
+                    f"config group '{group}' is incomplete: {exc}",
+                    fix=f"set the missing value on the command line, e.g. {group}.<key>=...",
+                ) from None
     return out

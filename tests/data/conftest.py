@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import cellrep  # noqa: F401  (before anything imports torchvision)
 
+# isort: split
 import numpy as np
 import pandas as pd
 import pytest
 
-from cellrep.schema import make_site_id, validate_metadata
+from cellrep.data.schema import make_site_id, validate_metadata
 
 GENES = ("g0", "g1", "g2", "g3")
 
@@ -16,9 +17,22 @@ GENES = ("g0", "g1", "g2", "g3")
 class TinySource:
     """A few experiments × plates; per plate 2 control wells + one well per gene, 2 sites each."""
 
-    def __init__(self, cell_types=("HUVEC", "RPE"), experiments_per_type=3, plates=1, sites=2, size=16,
-                 channels=3, seed=0, fingerprint="tiny-v1", name="tiny", genes=GENES, fail_at=None,
-                 bad_site=None, with_dataset=False):
+    def __init__(
+        self,
+        cell_types=("HUVEC", "RPE"),
+        experiments_per_type=3,
+        plates=1,
+        sites=2,
+        size=16,
+        channels=3,
+        seed=0,
+        fingerprint="tiny-v1",
+        name="tiny",
+        genes=GENES,
+        fail_at=None,
+        bad_site=None,
+        with_dataset=False,
+    ):
         rows = []
         for ct in cell_types:
             for e in range(1, experiments_per_type + 1):
@@ -29,13 +43,20 @@ class TinySource:
                     for well, pert in wells:
                         ctrl = pert == "EMPTY_control"
                         for s in range(1, sites + 1):
-                            rows.append({
-                                "site_id": make_site_id(exp, p, well, s), "experiment": exp, "plate": p,
-                                "well": well, "site": s, "cell_type": ct, "perturbation": pert,
-                                "perturbation_type": "control" if ctrl else "siRNA",
-                                "concentration": float("nan"),
-                                "well_type": "negative_control" if ctrl else "treatment",
-                            })
+                            rows.append(
+                                {
+                                    "site_id": make_site_id(exp, p, well, s),
+                                    "experiment": exp,
+                                    "plate": p,
+                                    "well": well,
+                                    "site": s,
+                                    "cell_type": ct,
+                                    "perturbation": pert,
+                                    "perturbation_type": "control" if ctrl else "siRNA",
+                                    "concentration": float("nan"),
+                                    "well_type": "negative_control" if ctrl else "treatment",
+                                }
+                            )
         meta = pd.DataFrame(rows)
         if with_dataset:
             meta["dataset"] = np.where(meta["experiment"].str.endswith("01"), "test", "train")
@@ -43,8 +64,9 @@ class TinySource:
         self.name, self.fingerprint = name, fingerprint
         self.channel_names = tuple(f"ch{i}" for i in range(channels))
         rng = np.random.default_rng(seed)
-        self.images = {sid: rng.integers(0, 256, (channels, size, size), dtype=np.uint8)
-                       for sid in self.metadata["site_id"]}
+        self.images = {
+            sid: rng.integers(0, 256, (channels, size, size), dtype=np.uint8) for sid in self.metadata["site_id"]
+        }
         self.fail_at, self.bad_site, self.loads = fail_at, bad_site, 0
 
     def load(self, site_id: str) -> np.ndarray:
@@ -70,7 +92,7 @@ def tiny_source():
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory, tiny_source):
     """72 sites (6 experiments × 12) in 5-sample shards, written once per session."""
-    from cellrep.data.shards import write_shards
+    from cellrep.data.shards.writer import write_shards
 
     out = tmp_path_factory.mktemp("shards")
     write_shards(tiny_source, out, samples_per_shard=5, progress=False)

@@ -12,17 +12,31 @@ from __future__ import annotations
 
 import cellrep  # noqa: F401  (torchvision compat before timm)
 
+# isort: split
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-SCREEN = ("data.synthetic.num_modules=8", "data.synthetic.genes_per_module=6",
-          "data.synthetic.experiments_per_cell_type=4", "data.synthetic.control_wells_per_plate=12",
-          "data.synthetic.num_compounds=6", "data.synthetic.plates_per_experiment=4", "data.synthetic.gene_groups=4",
-          "data.synthetic.module_similarity=0.85")
-TRAIN = ("debug=tiny", "logger=csv", "model.name=resnet10t", "trainer.max_epochs=10", "test=false",
-         "+callbacks.model_checkpoint.every_n_epochs=10", *SCREEN)
+SCREEN = (
+    "data.synthetic.num_modules=8",
+    "data.synthetic.genes_per_module=6",
+    "data.synthetic.experiments_per_cell_type=4",
+    "data.synthetic.control_wells_per_plate=12",
+    "data.synthetic.num_compounds=6",
+    "data.synthetic.plates_per_experiment=4",
+    "data.synthetic.gene_groups=4",
+    "data.synthetic.module_similarity=0.85",
+)
+TRAIN = (
+    "debug=tiny",
+    "logger=csv",
+    "model.name=resnet10t",
+    "trainer.max_epochs=10",
+    "test=false",
+    "+callbacks.model_checkpoint.every_n_epochs=10",
+    *SCREEN,
+)
 
 
 def compose_in(config_name: str, overrides, root, data_dir):
@@ -47,7 +61,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, shared_data_dir):
     """Run directory of a tiny trained model: checkpoints/last.ckpt and config.yaml."""
-    from cellrep.train import train
+    from cellrep.cli.train import train
 
     root = tmp_path_factory.mktemp("trained")
     train(compose_in("train", list(TRAIN), root, shared_data_dir))

@@ -19,8 +19,13 @@ def screen(n_batches=3, controls=12, treated=10, dim=5, seed=0):
         shift, gain = rng.normal(0, 3, dim), rng.uniform(0.5, 2, dim)
         for i in range(controls + treated):
             ctrl = i < controls
-            rows.append({"experiment": f"E{b}", "perturbation": "EMPTY_control" if ctrl else f"g{i % 4}",
-                         "well_type": "negative_control" if ctrl else "treatment"})
+            rows.append(
+                {
+                    "experiment": f"E{b}",
+                    "perturbation": "EMPTY_control" if ctrl else f"g{i % 4}",
+                    "well_type": "negative_control" if ctrl else "treatment",
+                }
+            )
             feats.append(gain * rng.standard_normal(dim) + shift)
     return Embeddings(pd.DataFrame(rows), np.array(feats))
 
@@ -103,7 +108,7 @@ def confounded_screen(seed=0, dim=16, batches=8, modules=20, genes_per_module=4,
             feats.append(offsets[b] + 0.5 * rng.standard_normal(dim))
     for m in range(modules):
         names = [f"M{m}G{i}" for i in range(genes_per_module)]
-        pairs += [(a, c) for i, a in enumerate(names) for c in names[i + 1:]]
+        pairs += [(a, c) for i, a in enumerate(names) for c in names[i + 1 :]]
         for name, b in zip(names, rng.choice(batches, genes_per_module, replace=False)):
             for _ in range(2):
                 rows.append((f"E{b}", name, "treatment", "CRISPR"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cellrep  # noqa: F401  (torchvision compat before timm)
 
+# isort: split
 import torch
 
 from cellrep.eval.checkpoint import load_backbone
@@ -14,10 +15,17 @@ SCHED = {"warmup_fraction": 0.05, "min_lr_ratio": 0.01}
 
 
 def test_mae_checkpoint_gives_its_encoder(tmp_path):
-    from cellrep.tasks.mae import MAETask
+    from cellrep.training.tasks.mae import MAETask
 
-    task = MAETask(model={"name": "vit_small_patch16_224", "img_size": 32}, in_chans=3, optimizer=OPT,
-                   scheduler=SCHED, decoder_depth=1, decoder_dim=64, decoder_heads=4)
+    task = MAETask(
+        model={"name": "vit_small_patch16_224", "img_size": 32},
+        in_chans=3,
+        optimizer=OPT,
+        scheduler=SCHED,
+        decoder_depth=1,
+        decoder_dim=64,
+        decoder_heads=4,
+    )
     path = tmp_path / "mae.ckpt"
     torch.save({"hyper_parameters": dict(task.hparams), "state_dict": task.state_dict()}, path)
     backbone, meta = load_backbone(path)

@@ -44,11 +44,23 @@ def _screen(seed=0, n_exp=4, dim=16):
             for plate, g in enumerate(order, start=1):
                 for k in range(4 * g, 4 * g + 4):
                     for rep in range(2):
-                        rows.append((f"{ct}-{e}", plate, f"W{k}{rep}", ct, f"s{k}", "siRNA", "treatment",
-                                     "test" if e == n_exp - 1 else "train"))
+                        rows.append(
+                            (
+                                f"{ct}-{e}",
+                                plate,
+                                f"W{k}{rep}",
+                                ct,
+                                f"s{k}",
+                                "siRNA",
+                                "treatment",
+                                "test" if e == n_exp - 1 else "train",
+                            )
+                        )
                         feats.append(centers[k] + rng.standard_normal(dim))
-    meta = pd.DataFrame(rows, columns=["experiment", "plate", "well", "cell_type", "perturbation",
-                                       "perturbation_type", "well_type", "split"])
+    meta = pd.DataFrame(
+        rows,
+        columns=["experiment", "plate", "well", "cell_type", "perturbation", "perturbation_type", "well_type", "split"],
+    )
     return Embeddings(meta, np.array(feats))
 
 

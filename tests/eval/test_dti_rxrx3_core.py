@@ -25,14 +25,38 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # the RxRx3-core fixture writer
 from test_rxrx3_core import write_rxrx3_core  # noqa: E402
 
-from cellrep.data.prepare import ensure_shards  # noqa: E402
-from cellrep.data.shards import load_manifest, read_index  # noqa: E402
+from cellrep.cli.evaluate import evaluate  # noqa: E402
+from cellrep.data.shards.prepare import ensure_shards  # noqa: E402
+from cellrep.data.shards.writer import load_manifest, read_index  # noqa: E402
 from cellrep.eval.dti import dti_benchmark  # noqa: E402
 from cellrep.eval.embeddings import aggregate_wells, read_embeddings  # noqa: E402
-from cellrep.evaluate import evaluate  # noqa: E402
 
-GENES = ("EGFR", "ERBB2", "BRAF", "MAP2K1", "MTOR", "PIK3CA", "AKT1", "CDK4", "CDK6", "PLK1", "AURKA", "AURKB",
-         "JAK1", "JAK2", "ABL1", "SRC", "KIT", "FLT3", "ALK", "MET", "HDAC1", "HDAC2", "BRD4", "PARP1")
+GENES = (
+    "EGFR",
+    "ERBB2",
+    "BRAF",
+    "MAP2K1",
+    "MTOR",
+    "PIK3CA",
+    "AKT1",
+    "CDK4",
+    "CDK6",
+    "PLK1",
+    "AURKA",
+    "AURKB",
+    "JAK1",
+    "JAK2",
+    "ABL1",
+    "SRC",
+    "KIT",
+    "FLT3",
+    "ALK",
+    "MET",
+    "HDAC1",
+    "HDAC2",
+    "BRD4",
+    "PARP1",
+)
 # compound -> (SMILES, targets ≤ 1000 nM, grey-zone genes 1000–10000 nM); every other gene measured inactive
 COMPOUNDS = {
     "Erlotinib": ("COCCOc1cc2ncnc(Nc3cccc(C#C)c3)c2cc1OCCOC", ("EGFR",), ("ERBB2",)),
@@ -85,7 +109,7 @@ def image_function(weights: dict):
         address, _, channel = rest.split("_")
         c = int(channel) - 1
         well_rng = np.random.default_rng(zlib.crc32(f"{exp}/{address}".encode()))  # one draw per well
-        w = weights.get((exp, int(plate[len("Plate"):]), address), np.zeros(len(GENES)))
+        w = weights.get((exp, int(plate[len("Plate") :]), address), np.zeros(len(GENES)))
         blocks = 110 + offset[exp][c] + 30 * np.tensordot(w, phenotype[:, c], axes=1)
         blocks = blocks + well_rng.normal(0.0, 2.0, (6, 2, 2))[c]  # well-to-well variation
         plane = np.kron(blocks, np.ones((BLOCK, BLOCK)))
@@ -119,8 +143,9 @@ def site_features(shards_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
 
 def test_dti_ranks_planted_targets_on_rxrx3_core_shards(make_cfg, tmp_path):
     wells, weights = layout()
-    root = write_rxrx3_core(tmp_path / "rxrx3-core", wells=wells, files=3, row_group_size=60,
-                            image=image_function(weights))
+    root = write_rxrx3_core(
+        tmp_path / "rxrx3-core", wells=wells, files=3, row_group_size=60, image=image_function(weights)
+    )
     cfg = make_cfg("data=rxrx3_core", f"data.root={root}", f"data.shards_dir={tmp_path}/shards", config_name="shard")
     shards_dir = ensure_shards(cfg.data, progress=False)
     manifest = load_manifest(shards_dir)
@@ -138,9 +163,15 @@ def test_dti_ranks_planted_targets_on_rxrx3_core_shards(make_cfg, tmp_path):
     emb.write_parquet(tmp_path / "embeddings.parquet")
     targets_table().to_csv(tmp_path / "compound_targets.csv", index=False)
 
-    eval_cfg = make_cfg(f"embeddings={tmp_path}/embeddings.parquet", "benchmarks=[dti]",
-                        f"benchmarks.dti.targets={tmp_path}/compound_targets.csv", "benchmarks.dti.seeds=20",
-                        "corrections=[none,pca_centerscale,tvn]", "progress=false", config_name="eval")
+    eval_cfg = make_cfg(
+        f"embeddings={tmp_path}/embeddings.parquet",
+        "benchmarks=[dti]",
+        f"benchmarks.dti.targets={tmp_path}/compound_targets.csv",
+        "benchmarks.dti.seeds=20",
+        "corrections=[none,pca_centerscale,tvn]",
+        "progress=false",
+        config_name="eval",
+    )
     metrics = evaluate(eval_cfg)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["benchmarks"] == json.loads(json.dumps(metrics["benchmarks"]))

@@ -11,12 +11,17 @@ from cellrep.eval.embeddings import Embeddings, aggregate_wells, read_embeddings
 
 
 def sites():
-    meta = pd.DataFrame({
-        "site_id": ["E1_1_B02_1", "E1_1_B02_2", "E1_1_B03_1", "E2_1_B02_1"],
-        "experiment": ["E1", "E1", "E1", "E2"], "plate": 1, "well": ["B02", "B02", "B03", "B02"],
-        "site": [1, 2, 1, 1], "perturbation": ["g1", "g1", "EMPTY_control", "g1"],
-        "well_type": ["treatment", "treatment", "negative_control", "treatment"],
-    })
+    meta = pd.DataFrame(
+        {
+            "site_id": ["E1_1_B02_1", "E1_1_B02_2", "E1_1_B03_1", "E2_1_B02_1"],
+            "experiment": ["E1", "E1", "E1", "E2"],
+            "plate": 1,
+            "well": ["B02", "B02", "B03", "B02"],
+            "site": [1, 2, 1, 1],
+            "perturbation": ["g1", "g1", "EMPTY_control", "g1"],
+            "well_type": ["treatment", "treatment", "negative_control", "treatment"],
+        }
+    )
     feats = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
     return meta, feats
 
@@ -52,11 +57,21 @@ def test_misaligned_embeddings_and_metadata():
 def test_external_parquet_joined_to_metadata(tmp_path):
     feats = pd.DataFrame({"well_id": ["w1", "w2", "w3"], "feature_0": [0.1, 0.2, 0.3], "feature_1": [1.0, 2.0, 3.0]})
     feats.to_parquet(tmp_path / "emb.parquet")
-    meta = pd.DataFrame({"well_id": ["w3", "w1", "w2"], "experiment_name": ["E1"] * 3, "gene": ["A", "B", "C"],
-                         "well_type": "treatment"})
+    meta = pd.DataFrame(
+        {
+            "well_id": ["w3", "w1", "w2"],
+            "experiment_name": ["E1"] * 3,
+            "gene": ["A", "B", "C"],
+            "well_type": "treatment",
+        }
+    )
     meta.to_csv(tmp_path / "meta.csv", index=False)
-    emb = read_embeddings(tmp_path / "emb.parquet", tmp_path / "meta.csv", "well_id",
-                          {"experiment_name": "experiment", "gene": "perturbation"})
+    emb = read_embeddings(
+        tmp_path / "emb.parquet",
+        tmp_path / "meta.csv",
+        "well_id",
+        {"experiment_name": "experiment", "gene": "perturbation"},
+    )
     assert list(emb.meta["perturbation"]) == ["B", "C", "A"]  # follows the embedding rows
     meta.iloc[:2].to_csv(tmp_path / "short.csv", index=False)
     with pytest.raises(CellrepError, match="1 of 3 embedding rows have no metadata row"):

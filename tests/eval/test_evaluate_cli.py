@@ -13,7 +13,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from cellrep.evaluate import evaluate
+from cellrep.cli.evaluate import evaluate
 
 QUIET = ("progress=false", "loader.num_workers=0")
 
@@ -31,8 +31,18 @@ def test_outputs_of_an_evaluation(evaluated):
     wells = pd.read_parquet(run / "embeddings.parquet")
     features = [c for c in wells.columns if c.startswith("feature_")]
     assert len(wells) == metrics["wells"] and len(features) == metrics["features"]
-    assert {"experiment", "plate", "well", "perturbation", "perturbation_type", "concentration", "well_type",
-            "cell_type", "split", "n_sites"} <= set(wells.columns)
+    assert {
+        "experiment",
+        "plate",
+        "well",
+        "perturbation",
+        "perturbation_type",
+        "concentration",
+        "well_type",
+        "cell_type",
+        "split",
+        "n_sites",
+    } <= set(wells.columns)
     assert wells.groupby(["experiment", "plate", "well"]).size().max() == 1  # one row per well
     assert (run / "embeddings_tvn.parquet").exists() and (run / "embeddings_pca_centerscale.parquet").exists()
     saved = json.loads((run / "metrics.json").read_text())
@@ -47,8 +57,11 @@ def test_outputs_of_an_evaluation(evaluated):
 
 
 def test_block_best_probes_and_embeds_from_the_same_pass(eval_cfg, checkpoint, tmp_path):
-    metrics = evaluate(eval_cfg("eval", f"ckpt_path={checkpoint}", "block=best", "benchmarks=[]",
-                                "corrections=[none]", "probe.epochs=10"))
+    metrics = evaluate(
+        eval_cfg(
+            "eval", f"ckpt_path={checkpoint}", "block=best", "benchmarks=[]", "corrections=[none]", "probe.epochs=10"
+        )
+    )
     assert metrics["block"] == metrics["probe"]["best_block"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "](probe.png)" in report and f"Best block (validation): **{metrics['block']}**" in report
@@ -93,8 +106,10 @@ def test_consistency_and_classification(evaluated):
     metrics, _ = evaluated
     for method, result in metrics["benchmarks"].items():
         c, k = result["consistency"], result["classification"]
-        print(f"{method}: consistency {c['frac_p_lt_0.05']:.2f} (random 0.05), median cos {c['median_cosine']:.3f}; "
-              f"classification top-1 {k['top1']:.3f} top-5 {k['top5']:.3f} (chance {k['chance']:.3f})")
+        print(
+            f"{method}: consistency {c['frac_p_lt_0.05']:.2f} (random 0.05), median cos {c['median_cosine']:.3f}; "
+            f"classification top-1 {k['top1']:.3f} top-5 {k['top5']:.3f} (chance {k['chance']:.3f})"
+        )
     tvn = metrics["benchmarks"]["tvn"]
     assert tvn["consistency"]["null"] == "random_treatment_wells_same_batches"  # one control name only
     assert tvn["consistency"]["frac_p_lt_0.05"] > 4 * 0.05  # replicates agree far more often than chance
@@ -111,8 +126,9 @@ def test_external_embeddings_without_a_checkpoint(evaluated, eval_cfg, tmp_path)
     folder.mkdir()
     shutil.copy(run / "embeddings.parquet", folder / "wells.parquet")
     shutil.copy(metrics["dti_targets"], folder / "compound_targets.csv")  # found next to the parquet
-    again = evaluate(eval_cfg("eval", f"embeddings={folder / 'wells.parquet'}", "benchmarks=[recall,dti]",
-                              "corrections=[none,tvn]"))
+    again = evaluate(
+        eval_cfg("eval", f"embeddings={folder / 'wells.parquet'}", "benchmarks=[recall,dti]", "corrections=[none,tvn]")
+    )
     for method in ("none", "tvn"):
         assert again["benchmarks"][method]["recall"] == metrics["benchmarks"][method]["recall"]
         assert again["benchmarks"][method]["dti"]["max"] == metrics["benchmarks"][method]["dti"]["max"]

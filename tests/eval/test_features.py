@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cellrep  # noqa: F401  (torchvision compat before timm)
 
+# isort: split
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,10 @@ from cellrep.models.backbone import build_backbone
 def loader(n=10, batch=4, chans=3, size=32):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(n, chans, size, size, generator=g)
-    return [{"image": images[i:i + batch], "index": torch.arange(i, min(i + batch, n)).flip(0)}
-            for i in range(0, n, batch)]
+    return [
+        {"image": images[i : i + batch], "index": torch.arange(i, min(i + batch, n)).flip(0)}
+        for i in range(0, n, batch)
+    ]
 
 
 def count_passes(backbone, stem: str) -> list[int]:
@@ -27,10 +30,13 @@ def count_passes(backbone, stem: str) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("name,stem,dims", [
-    ("resnet18", "conv1", [64, 64, 128, 256, 512]),
-    ("vit_small_patch16_224", "patch_embed", [768] * 12),  # mean of patch tokens ++ class token
-])
+@pytest.mark.parametrize(
+    "name,stem,dims",
+    [
+        ("resnet18", "conv1", [64, 64, 128, 256, 512]),
+        ("vit_small_patch16_224", "patch_embed", [768] * 12),  # mean of patch tokens ++ class token
+    ],
+)
 def test_all_blocks_cost_one_forward_pass_per_batch(name, stem, dims):
     backbone = build_backbone(name, in_chans=3, img_size=32)
     calls = count_passes(backbone, stem)
@@ -63,8 +69,11 @@ def test_probes_find_the_informative_block():
     n, classes = 300, 5
     labels = rng.integers(0, classes, n)
     centers = rng.standard_normal((classes, 8)) * 3
-    features = {"noise": rng.standard_normal((n, 8)), "signal": centers[labels] + rng.standard_normal((n, 8)),
-                "scaled": 1000 * (centers[labels] + rng.standard_normal((n, 8)))}  # BatchNorm makes scale moot
+    features = {
+        "noise": rng.standard_normal((n, 8)),
+        "signal": centers[labels] + rng.standard_normal((n, 8)),
+        "scaled": 1000 * (centers[labels] + rng.standard_normal((n, 8))),
+    }  # BatchNorm makes scale moot
     stage = np.array(["train"] * 200 + ["val"] * 40 + ["test"] * 60)
     result = train_probes(features, labels, stage, classes, ProbeSettings(epochs=40, batch_size=64), progress=False)
     acc = dict(zip(result.table["block"], result.table["test_acc"]))

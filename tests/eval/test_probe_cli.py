@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import cellrep.eval.pipeline as pipeline
-from cellrep.probe import probe
+from cellrep.cli.probe import probe
 
 
 @pytest.fixture

@@ -33,8 +33,12 @@ def pairs(*rows):
 def test_two_sided_rule_by_hand():
     cos = cos_from_upper(UPPER)
     # A-B = -0.9 (lowest: r_lo = 1/10), A-E = 0.95 (highest: r_hi = 9/10), C-E = 0.8 (r_hi = 8/10), A-C = 0.1 (tie)
-    result = pair_recall(GENES, cos, pairs(("A", "B"), ("A", "E"), ("C", "E"), ("A", "C")),
-                         thresholds=[(0.1, 0.9), (0.05, 0.95), (0.2, 0.8)])
+    result = pair_recall(
+        GENES,
+        cos,
+        pairs(("A", "B"), ("A", "E"), ("C", "E"), ("A", "C")),
+        thresholds=[(0.1, 0.9), (0.05, 0.95), (0.2, 0.8)],
+    )
     assert result["n_pairs"] == 4 and result["n_null"] == 10
     assert result["0.1/0.9"] == pytest.approx(2 / 4)  # both tails count
     assert result["0.05/0.95"] == 0.0  # 1/10 > 0.05 and 9/10 < 0.95
@@ -54,8 +58,9 @@ def test_ties_use_right_side_low_and_left_side_high():
 
 def test_pairs_deduplicated_self_pairs_and_absent_genes_dropped():
     cos = cos_from_upper(UPPER)
-    result = pair_recall(GENES, cos, pairs(("A", "B"), ("B", "A"), ("A", "A"), ("A", "Z"), ("E", "A")),
-                         thresholds=[(0.1, 0.9)])
+    result = pair_recall(
+        GENES, cos, pairs(("A", "B"), ("B", "A"), ("A", "A"), ("A", "Z"), ("E", "A")), thresholds=[(0.1, 0.9)]
+    )
     assert result["n_pairs"] == 2  # A-B and A-E
     assert result["0.1/0.9"] == 1.0
 
@@ -83,8 +88,9 @@ def test_vectorized_over_thousands_of_genes():
 def _wells(genes, dim=8, seed=0, guide=False):
     rng = np.random.default_rng(seed)
     names = [f"{g}_guide_{i}" if guide else g for g in genes for i in (1, 2)]
-    meta = pd.DataFrame({"experiment": "E1", "perturbation": names, "well_type": "treatment",
-                         "perturbation_type": "CRISPR"})
+    meta = pd.DataFrame(
+        {"experiment": "E1", "perturbation": names, "well_type": "treatment", "perturbation_type": "CRISPR"}
+    )
     return Embeddings(meta, rng.standard_normal((len(names), dim)))
 
 

@@ -18,8 +18,10 @@ def write(path, text):
 
 
 def test_string_scores_are_scaled_symmetrized_and_deduplicated(tmp_path):
-    path = write(tmp_path / "links.txt", "protein1 protein2 combined_score\n"
-                 "TP53 MDM2 900\nMDM2 TP53 800\nTP53  CDKN1A   400\nMDM2 MDM2 999\n")
+    path = write(
+        tmp_path / "links.txt",
+        "protein1 protein2 combined_score\nTP53 MDM2 900\nMDM2 TP53 800\nTP53  CDKN1A   400\nMDM2 MDM2 999\n",
+    )
     graph = load_graph(path)
     assert graph.format == "string"
     pg = perturbation_graph(graph, ["MDM2", "TP53", "CDKN1A"])
@@ -35,8 +37,11 @@ def test_string_weights_already_in_unit_range_are_kept(tmp_path):
 
 def test_string_protein_ids_map_to_symbols_through_protein_info(tmp_path):
     links = write(tmp_path / "links.txt", "protein1 protein2 combined_score\n9606.ENSP1 9606.ENSP2 700\n")
-    info = write(tmp_path / "info.txt", "#string_protein_id\tpreferred_name\tprotein_size\tannotation\n"
-                 "9606.ENSP1\tTP53\t393\tx\n9606.ENSP2\tMDM2\t491\ty\n")
+    info = write(
+        tmp_path / "info.txt",
+        "#string_protein_id\tpreferred_name\tprotein_size\tannotation\n"
+        "9606.ENSP1\tTP53\t393\tx\n9606.ENSP2\tMDM2\t491\ty\n",
+    )
     unmapped = perturbation_graph(load_graph(links), ["TP53", "MDM2"])
     assert unmapped.num_edges == 0 and unmapped.missing == ["TP53", "MDM2"]
     mapped = perturbation_graph(load_graph(links, nodes=info), ["TP53", "MDM2"])
@@ -46,18 +51,24 @@ def test_string_protein_ids_map_to_symbols_through_protein_info(tmp_path):
 def test_hetionet_keeps_gene_gene_interactions_and_maps_names(tmp_path):
     edges = tmp_path / "hetionet-v1.0-edges.sif.gz"
     with gzip.open(edges, "wt") as f:
-        f.write("source\tmetaedge\ttarget\n"
-                "Gene::7157\tGiG\tGene::4193\n"
-                "Gene::7157\tGcG\tGene::1026\n"  # covaries: not an interaction, dropped by default
-                "Compound::DB00001\tCbG\tGene::1026\n"
-                "Biological Process::GO:0071357\tGpBP\tGene::7157\n")
-    nodes = write(tmp_path / "nodes.tsv", "id\tname\tkind\nGene::7157\tTP53\tGene\nGene::4193\tMDM2\tGene\n"
-                  "Gene::1026\tCDKN1A\tGene\nCompound::DB00001\tLepirudin\tCompound\n")
+        f.write(
+            "source\tmetaedge\ttarget\n"
+            "Gene::7157\tGiG\tGene::4193\n"
+            "Gene::7157\tGcG\tGene::1026\n"  # covaries: not an interaction, dropped by default
+            "Compound::DB00001\tCbG\tGene::1026\n"
+            "Biological Process::GO:0071357\tGpBP\tGene::7157\n"
+        )
+    nodes = write(
+        tmp_path / "nodes.tsv",
+        "id\tname\tkind\nGene::7157\tTP53\tGene\nGene::4193\tMDM2\tGene\n"
+        "Gene::1026\tCDKN1A\tGene\nCompound::DB00001\tLepirudin\tCompound\n",
+    )
     pg = perturbation_graph(load_graph(edges, nodes=nodes), ["TP53", "MDM2", "CDKN1A"])
     assert pg.weights[0, 1] == 1.0 and pg.num_edges == 1
     assert pg.missing == ["CDKN1A"]  # only in a dropped edge: not a node of the interaction graph
-    with_covariation = perturbation_graph(load_graph(edges, nodes=nodes, metaedges=("GiG", "GcG")),
-                                          ["TP53", "MDM2", "CDKN1A"])
+    with_covariation = perturbation_graph(
+        load_graph(edges, nodes=nodes, metaedges=("GiG", "GcG")), ["TP53", "MDM2", "CDKN1A"]
+    )
     assert with_covariation.num_edges == 2
     by_entrez = perturbation_graph(load_graph(edges), ["7157", "4193"])  # no node table: Entrez ids
     assert by_entrez.weights[0, 1] == 1.0
@@ -84,8 +95,9 @@ def test_shipped_annotation_name_is_a_graph():
 
 def test_unknown_columns_name_the_expected_ones(tmp_path):
     path = write(tmp_path / "edges.tsv", "gene_a\tgene_b\tscore\nA\tB\t1\n")
-    with pytest.raises(CellrepError, match="(?s)gene_a.*protein1 protein2 combined_score.*source metaedge target"
-                                           ".*entity1,entity2"):
+    with pytest.raises(
+        CellrepError, match="(?s)gene_a.*protein1 protein2 combined_score.*source metaedge target.*entity1,entity2"
+    ):
         load_graph(path)
 
 

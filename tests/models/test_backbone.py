@@ -12,8 +12,11 @@ from cellrep.models.backbone import build_backbone
 # The large rungs of the ViT ladder take minutes and gigabytes at full width on a CPU; they are
 # checked at tiny width (and at full width on the meta device) in tests/models/test_vit_ladder.py.
 TOO_LARGE_FOR_CPU = {"vit_l16.yaml", "vit_l8.yaml", "vit_g8.yaml", "ca_vit_l16.yaml", "ca_vit_l8.yaml"}
-MODEL_CONFIGS = sorted(p.name for p in (resources.files("cellrep") / "conf" / "model").iterdir()
-                       if p.name.endswith(".yaml") and p.name not in TOO_LARGE_FOR_CPU)
+MODEL_CONFIGS = sorted(
+    p.name
+    for p in (resources.files("cellrep") / "conf" / "model").iterdir()
+    if p.name.endswith(".yaml") and p.name not in TOO_LARGE_FOR_CPU
+)
 
 
 @pytest.mark.parametrize("config", MODEL_CONFIGS)

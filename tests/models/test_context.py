@@ -10,13 +10,16 @@ from cellrep.errors import CellrepError
 from cellrep.knowledge.context import context_matrix, read_context, synthetic_context, write_context
 from cellrep.models.backbone import build_backbone
 from cellrep.models.context import CellTypeContext, pooled_features, takes_context_token
-from cellrep.tasks.supervised import SupervisedTask
+from cellrep.training.tasks.supervised import SupervisedTask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 OPT = {"name": "adamw", "base_lr": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.999]}
 SCHED = {"warmup_fraction": 0.1, "min_lr_ratio": 0.01}
-TINY_VIT = {"name": "vit_small_patch16_224", "img_size": 32,
-            "kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 8}}
+TINY_VIT = {
+    "name": "vit_small_patch16_224",
+    "img_size": 32,
+    "kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 8},
+}
 
 
 def test_context_file_round_trip_and_order(tmp_path):
@@ -33,8 +36,14 @@ def test_missing_cell_type_names_it_and_the_file(tmp_path):
         context_matrix(path, ["HUVEC", "HepG2"])
 
 
-@pytest.mark.parametrize("text,match", [("name,e0\nA,1\n", "columns"), ("cell_type,e0\nA,x\n", "non-numeric"),
-                                        ("cell_type,e0\nA,1\nA,2\n", "more than once")])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("name,e0\nA,1\n", "columns"),
+        ("cell_type,e0\nA,x\n", "non-numeric"),
+        ("cell_type,e0\nA,1\nA,2\n", "more than once"),
+    ],
+)
 def test_bad_context_files_are_clear(tmp_path, text, match):
     path = tmp_path / "ctx.csv"
     path.write_text(text)
@@ -56,9 +65,16 @@ def test_synthetic_context_is_deterministic_per_cell_type(tmp_path):
 
 def make_task(model, table):
     torch.manual_seed(0)
-    return SupervisedTask(model=model, in_chans=3, num_classes=5, optimizer=OPT, scheduler=SCHED,
-                          group_names=["A", "B", "C"], group_of_index=torch.tensor([0, 1, 2, 0]),
-                          context_table=table)
+    return SupervisedTask(
+        model=model,
+        in_chans=3,
+        num_classes=5,
+        optimizer=OPT,
+        scheduler=SCHED,
+        group_names=["A", "B", "C"],
+        group_of_index=torch.tensor([0, 1, 2, 0]),
+        context_table=table,
+    )
 
 
 @pytest.mark.parametrize("model,mode", [({"name": "test_resnet"}, "film"), (TINY_VIT, "token")])

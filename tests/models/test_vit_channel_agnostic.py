@@ -7,7 +7,6 @@ from cellrep.errors import CellrepError
 from cellrep.models.backbone import build_backbone
 from cellrep.models.ca_vit import ChannelAgnosticViT
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

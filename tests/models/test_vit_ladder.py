@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from cellrep.models.backbone import build_backbone
 from cellrep.models.vit import patch_size_of
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -33,8 +32,17 @@ def tiny(config: str, in_chans: int = 6, num_classes: int = 7, img_size: int = 3
 
 
 def test_the_ladder_is_all_there():
-    assert {"vit_s16.yaml", "vit_b16.yaml", "vit_l16.yaml", "vit_l8.yaml", "vit_g8.yaml",
-            "ca_vit_s16.yaml", "ca_vit_b16.yaml", "ca_vit_l16.yaml", "ca_vit_l8.yaml"} <= set(VIT_CONFIGS)
+    assert {
+        "vit_s16.yaml",
+        "vit_b16.yaml",
+        "vit_l16.yaml",
+        "vit_l8.yaml",
+        "vit_g8.yaml",
+        "ca_vit_s16.yaml",
+        "ca_vit_b16.yaml",
+        "ca_vit_l16.yaml",
+        "ca_vit_l8.yaml",
+    } <= set(VIT_CONFIGS)
 
 
 @pytest.mark.parametrize("config", VIT_CONFIGS)

@@ -5,8 +5,7 @@ import torch
 
 from cellrep.models.backbone import build_backbone
 from cellrep.models.mae import MaskedAutoencoder
-from cellrep.tasks.mae_loss import mae_loss, normalize_patches
-
+from cellrep.training.tasks.mae_loss import mae_loss, normalize_patches
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

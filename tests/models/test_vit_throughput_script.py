@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -32,9 +31,32 @@ def test_without_cuda_it_says_why_and_exits_0(bench, capsys):
 
 def test_cpu_smoke_run_prints_the_table_and_counts_flops(bench, capsys, tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--device", "cpu", "--tiny", "--size", "32", "--batch-mae", "2", "--steps", "1",
-                       "--warmup", "1", "--compile", "no", "--cases", "mae_vit_l8", "--peak-tflops", "1",
-                       "--json", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--device",
+                "cpu",
+                "--tiny",
+                "--size",
+                "32",
+                "--batch-mae",
+                "2",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--compile",
+                "no",
+                "--cases",
+                "mae_vit_l8",
+                "--peak-tflops",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "images/s" in text and "MFU" in text and "mae_vit_l8" in text
     (result,) = json.loads(out.read_text())["results"]
@@ -53,6 +75,8 @@ def test_mfu_uses_the_full_model_flops_on_meta_device(bench):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_benchmark_runs(bench, capsys):
-    assert bench.main(["--steps", "3", "--warmup", "2", "--compile", "no", "--batch-mae", "16",
-                       "--batch-resnet", "32"]) == 0
+    assert (
+        bench.main(["--steps", "3", "--warmup", "2", "--compile", "no", "--batch-mae", "16", "--batch-resnet", "32"])
+        == 0
+    )
     assert "mae_vit_l8" in capsys.readouterr().out

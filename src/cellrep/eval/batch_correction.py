@@ -81,7 +81,8 @@ def _check_controls(batch: np.ndarray, control: np.ndarray, method: str, minimum
         raise CellrepError(
             f"batch correction '{method}' needs at least {minimum} negative-control wells per experiment; "
             f"{len(short)} experiment(s) have fewer, e.g. {short[0]!r} has {have.get(short[0], 0)}",
-            fix="mark control wells with well_type=negative_control, drop those experiments, or use correction none")
+            fix="mark control wells with well_type=negative_control, drop those experiments, or use correction none",
+        )
 
 
 def pca_centerscale(x: np.ndarray, batch: np.ndarray, control: np.ndarray) -> np.ndarray:

@@ -37,19 +37,30 @@ def load_backbone(ckpt_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model = dict(hparams["model"])
         in_chans = int(hparams["in_chans"])
     except Exception as exc:  # noqa: BLE001 — any failure means "not a cellrep checkpoint"
-        raise CellrepError(f"{path} is not a readable cellrep checkpoint ({type(exc).__name__}: {exc})",
-                           fix="use a checkpoint written by cellrep-train (checkpoints/best.ckpt or last.ckpt)") from None
+        raise CellrepError(
+            f"{path} is not a readable cellrep checkpoint ({type(exc).__name__}: {exc})",
+            fix="use a checkpoint written by cellrep-train (checkpoints/best.ckpt or last.ckpt)",
+        ) from None
     prefix = next((p for p in BACKBONE_PREFIXES if any(k.startswith(p) for k in state)), None)
     if prefix is None:
-        raise CellrepError(f"{path} holds no backbone weights (looked for {list(BACKBONE_PREFIXES)})",
-                           fix="use a checkpoint of a cellrep task (supervised or mae)")
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    backbone = build_backbone(model["name"], in_chans=in_chans, num_classes=int(hparams.get("num_classes") or 0),
-                              img_size=model.get("img_size"), **dict(model.get("kwargs") or {}))
+        raise CellrepError(
+            f"{path} holds no backbone weights (looked for {list(BACKBONE_PREFIXES)})",
+            fix="use a checkpoint of a cellrep task (supervised or mae)",
+        )
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    backbone = build_backbone(
+        model["name"],
+        in_chans=in_chans,
+        num_classes=int(hparams.get("num_classes") or 0),
+        img_size=model.get("img_size"),
+        **dict(model.get("kwargs") or {}),
+    )
     missing, unexpected = backbone.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise CellrepError(f"{path}: backbone weights do not fit {model['name']} (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})", fix="the checkpoint and its hyperparameters disagree")
+        raise CellrepError(
+            f"{path}: backbone weights do not fit {model['name']} (missing {missing[:3]}, unexpected {unexpected[:3]})",
+            fix="the checkpoint and its hyperparameters disagree",
+        )
     return backbone.eval(), {"model": model, "in_chans": in_chans, "num_classes": hparams.get("num_classes")}
 
 
@@ -69,8 +80,10 @@ def eval_data_config(cfg: DictConfig) -> tuple[DictConfig, DictConfig, int, str]
                 data = OmegaConf.merge(OmegaConf.structured(DataConfig), run.data)
                 split = OmegaConf.merge(OmegaConf.structured(SplitConfig), run.split)
             except Exception as exc:  # noqa: BLE001
-                raise CellrepError(f"{run_cfg}: data/split of the training run do not fit the schema: {exc}",
-                                   fix="set use_run_config=false and give data=... split=... on the command line") from None
+                raise CellrepError(
+                    f"{run_cfg}: data/split of the training run do not fit the schema: {exc}",
+                    fix="set use_run_config=false and give data=... split=... on the command line",
+                ) from None
             seed, source = int(run.get("seed", seed)), str(run_cfg)
         else:
             log.warning("no training config at %s: using the data/split of the command line", run_cfg)
@@ -79,22 +92,30 @@ def eval_data_config(cfg: DictConfig) -> tuple[DictConfig, DictConfig, int, str]
 
 def build_eval_datamodule(data: DictConfig, split: DictConfig, seed: int, batch_size: int, num_workers: int):
     """Shards (made if needed) + the training split, with evaluation loader settings."""
-    from cellrep.data.datamodule import CellDataModule
-    from cellrep.data.prepare import ensure_shards
+    from cellrep.data.loading.datamodule import CellDataModule
+    from cellrep.data.shards.prepare import ensure_shards
 
     shards_dir = ensure_shards(data)
     channels = data.channel_names or (data.synthetic.channel_names if data.get("synthetic") else None)
     split_dict = OmegaConf.to_container(split, resolve=True)
     split_dict["name"] = getattr(split.name, "name", split.name)
-    return CellDataModule(shards_dir, split=split_dict, batch_size=batch_size, num_workers=num_workers,
-                          crop_size=data.crop_size, normalization=getattr(data.normalization, "name", data.normalization),
-                          label_column=data.label_column, expected_channels=len(channels) if channels else None,
-                          seed=seed, max_corrupt=data.get("max_corrupt", 100))
+    return CellDataModule(
+        shards_dir,
+        split=split_dict,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        crop_size=data.crop_size,
+        normalization=getattr(data.normalization, "name", data.normalization),
+        label_column=data.label_column,
+        expected_channels=len(channels) if channels else None,
+        seed=seed,
+        max_corrupt=data.get("max_corrupt", 100),
+    )
 
 
 def data_root(data: DictConfig) -> Path | None:
     """The dataset's own folder (the synthetic screen's, which holds compound_targets.csv)."""
-    from cellrep.data.prepare import build_source
+    from cellrep.data.shards.prepare import build_source
 
     try:
         source, _ = build_source(data, progress=False)

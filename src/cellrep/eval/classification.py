@@ -31,8 +31,11 @@ def held_out_stage(meta: pd.DataFrame) -> np.ndarray:
         return meta["split"].astype(str).to_numpy()
     if "dataset" in meta.columns:
         return np.where(meta["dataset"].astype(str) == "test", "test", "train")
-    raise CellrepError("classification needs to know the held-out experiments, but the embeddings have neither "
-                       "a 'split' nor a 'dataset' column", fix="add a 'split' column (train/val/test) per well")
+    raise CellrepError(
+        "classification needs to know the held-out experiments, but the embeddings have neither "
+        "a 'split' nor a 'dataset' column",
+        fix="add a 'split' column (train/val/test) per well",
+    )
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -69,22 +72,30 @@ def assign_groups(probs: np.ndarray, plates: np.ndarray, experiments: np.ndarray
     return out
 
 
-def classification_benchmark(emb: Embeddings, settings: ProbeSettings = ProbeSettings(),
-                             use_plate_groups: bool = True, progress: bool = True) -> dict:
+def classification_benchmark(
+    emb: Embeddings, settings: ProbeSettings = ProbeSettings(), use_plate_groups: bool = True, progress: bool = True
+) -> dict:
     """DESIGN §5: top-1/top-5 on held-out experiments over non-control siRNAs, overall and per cell
     type, plus (when the plates hold ≥2 disjoint groups) with plate-group assignment."""
     sub = emb.subset(emb.genetic_mask())
     stage = held_out_stage(sub.meta)
     names = sub.meta["perturbation"].astype(str).to_numpy()
     classes, labels = np.unique(names, return_inverse=True)
-    result = train_probes({"embedding": sub.features}, labels, stage, len(classes), settings,
-                          keep_logits=True, progress=progress)
+    result = train_probes(
+        {"embedding": sub.features}, labels, stage, len(classes), settings, keep_logits=True, progress=progress
+    )
     logits = result.test_logits["embedding"]
     test = stage == "test"
     y, meta = labels[test], sub.meta.loc[test].reset_index(drop=True)
-    out = {"n_classes": int(len(classes)), "n_test_wells": int(test.sum()), "n_train_wells": int((stage != "test").sum()),
-           "top1": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5), "chance": 1.0 / len(classes),
-           "probe_lr": float(result.table["best_lr"].iloc[0])}
+    out = {
+        "n_classes": int(len(classes)),
+        "n_test_wells": int(test.sum()),
+        "n_train_wells": int((stage != "test").sum()),
+        "top1": topk_accuracy(logits, y, 1),
+        "top5": topk_accuracy(logits, y, 5),
+        "chance": 1.0 / len(classes),
+        "probe_lr": float(result.table["best_lr"].iloc[0]),
+    }
     if "cell_type" in meta.columns:
         for ct in sorted(meta["cell_type"].astype(str).unique()):
             rows = (meta["cell_type"].astype(str) == ct).to_numpy()
@@ -99,8 +110,9 @@ def classification_benchmark(emb: Embeddings, settings: ProbeSettings = ProbeSet
         if n_groups >= 2:
             probs = np.exp(logits - logits.max(axis=1, keepdims=True))
             probs /= probs.sum(axis=1, keepdims=True)
-            assigned = assign_groups(probs, plate_key[test].to_numpy(), meta["experiment"].astype(str).to_numpy(),
-                                     group)
+            assigned = assign_groups(
+                probs, plate_key[test].to_numpy(), meta["experiment"].astype(str).to_numpy(), group
+            )
             masked = np.where((assigned[:, None] < 0) | (group[None, :] == assigned[:, None]), logits, -np.inf)
             out["top1_plate_groups"] = topk_accuracy(masked, y, 1)
             out["top5_plate_groups"] = topk_accuracy(masked, y, 5)

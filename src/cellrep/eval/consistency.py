@@ -65,8 +65,9 @@ def _replicate_groups(meta: pd.DataFrame, rows: np.ndarray) -> pd.Series:
     return pd.Series(np.flatnonzero(rows)).groupby(label[rows].to_numpy(), sort=True).agg(list)
 
 
-def consistency_table(emb: Embeddings, null_samples: int = 1000, seed: int = 0,
-                      min_control_perturbations: int = 20) -> tuple[pd.DataFrame, dict]:
+def consistency_table(
+    emb: Embeddings, null_samples: int = 1000, seed: int = 0, min_control_perturbations: int = 20
+) -> tuple[pd.DataFrame, dict]:
     """DESIGN §5: per perturbation the mean pairwise cosine of its replicate wells and p = 1 − rank in
     the sorted null / len(null) (null: see the module docstring). Returns the table
     (perturbation, n_wells, cosine, p) and a description of the null."""
@@ -80,7 +81,8 @@ def consistency_table(emb: Embeddings, null_samples: int = 1000, seed: int = 0,
         raise CellrepError(
             f"replicate consistency needs perturbations with at least 2 replicate wells; all {len(sizes)} "
             "treated perturbations have fewer than 2",
-            fix="embed a screen with replicate wells (e.g. several experiments), or drop benchmark consistency")
+            fix="embed a screen with replicate wells (e.g. several experiments), or drop benchmark consistency",
+        )
     if single:
         log.warning("consistency: %d perturbation(s) with a single well are skipped", single)
 
@@ -101,14 +103,20 @@ def consistency_table(emb: Embeddings, null_samples: int = 1000, seed: int = 0,
                 cache[signature] = np.sort(mean_pairwise_cosine(unit[_null_sets(signature, pools, rng, null_samples)]))
             pvals.append(float(p_values(np.array([stat]), cache[signature])[0]))
         pvals, kind, size = np.array(pvals), "random_treatment_wells_same_batches", null_samples
-    table = pd.DataFrame({"perturbation": groups.index, "n_wells": groups.map(len).to_numpy(), "cosine": stats,
-                          "p": pvals})
+    table = pd.DataFrame(
+        {"perturbation": groups.index, "n_wells": groups.map(len).to_numpy(), "cosine": stats, "p": pvals}
+    )
     return table, {"null": kind, "null_size": int(size), "n_single_well_skipped": single}
 
 
-def replicate_consistency(emb: Embeddings, null_samples: int = 1000, alpha: float = 0.05, seed: int = 0,
-                          min_control_perturbations: int = 20) -> dict:
+def replicate_consistency(
+    emb: Embeddings, null_samples: int = 1000, alpha: float = 0.05, seed: int = 0, min_control_perturbations: int = 20
+) -> dict:
     """DESIGN §5 summary: the fraction of perturbations with p < alpha and the median cosine."""
     table, null = consistency_table(emb, null_samples, seed, min_control_perturbations)
-    return {"n_perturbations": int(len(table)), f"frac_p_lt_{alpha:g}": float(np.mean(table["p"] < alpha)),
-            "median_cosine": float(np.median(table["cosine"])), **null}
+    return {
+        "n_perturbations": int(len(table)),
+        f"frac_p_lt_{alpha:g}": float(np.mean(table["p"] < alpha)),
+        "median_cosine": float(np.median(table["cosine"])),
+        **null,
+    }

@@ -37,19 +37,25 @@ def load_targets(path: Path | str) -> pd.DataFrame:
     """A drug–target activity table: ``compound, gene, activity_nM`` (one row per measured pair)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CellrepError(f"drug-target table {path} does not exist",
-                           fix="set benchmarks.dti.targets to a CSV with columns compound,gene,activity_nM")
+        raise CellrepError(
+            f"drug-target table {path} does not exist",
+            fix="set benchmarks.dti.targets to a CSV with columns compound,gene,activity_nM",
+        )
     table = pd.read_csv(path)
     missing = [c for c in TARGET_COLUMNS if c not in table.columns]
     if missing:
-        raise CellrepError(f"drug-target table {path} lacks column(s) {missing} (has {list(table.columns)})",
-                           fix="give a CSV with columns compound,gene,activity_nM (activity as IC50/Kd in nM)")
+        raise CellrepError(
+            f"drug-target table {path} lacks column(s) {missing} (has {list(table.columns)})",
+            fix="give a CSV with columns compound,gene,activity_nM (activity as IC50/Kd in nM)",
+        )
     out = table[list(TARGET_COLUMNS)].copy()
     out["compound"], out["gene"] = out["compound"].astype(str).str.strip(), out["gene"].astype(str).str.strip()
     out["activity_nM"] = pd.to_numeric(out["activity_nM"], errors="coerce")
     if out["activity_nM"].isna().any():
-        raise CellrepError(f"drug-target table {path}: {int(out['activity_nM'].isna().sum())} non-numeric activities",
-                           fix="write activity_nM as numbers (nM)")
+        raise CellrepError(
+            f"drug-target table {path}: {int(out['activity_nM'].isna().sum())} non-numeric activities",
+            fix="write activity_nM as numbers (nM)",
+        )
     return out
 
 
@@ -60,8 +66,12 @@ def compound_embeddings(emb: Embeddings, compounds) -> pd.DataFrame:
     meta = emb.meta
     rows = (meta["well_type"].astype(str) == "treatment") & meta["perturbation"].astype(str).isin(set(compounds))
     conc = meta["concentration"] if "concentration" in meta else pd.Series(np.nan, index=meta.index)
-    frame = pd.DataFrame({"compound": meta.loc[rows, "perturbation"].astype(str),
-                          "concentration": pd.to_numeric(conc[rows]).fillna(-1.0)})
+    frame = pd.DataFrame(
+        {
+            "compound": meta.loc[rows, "perturbation"].astype(str),
+            "concentration": pd.to_numeric(conc[rows]).fillna(-1.0),
+        }
+    )
     groups = frame.groupby(["compound", "concentration"], sort=True).indices  # positions into frame
     feats = emb.features[rows.to_numpy()]
     means = np.stack([feats[idx].mean(axis=0) for idx in groups.values()]) if groups else np.zeros((0, emb.dim))
@@ -84,9 +94,16 @@ def _sample(rng, pool: np.ndarray, positive: np.ndarray, n_neg: np.ndarray):
     return order, valid, np.take_along_axis(positive, order, axis=1)
 
 
-def dti_benchmark(emb: Embeddings, targets: pd.DataFrame, seeds: int = 100, positive_nM: float = 1000.0,
-                  negative_nM: float = 10000.0, min_negatives: int = 20, negative_ratio: int = 2,
-                  progress: bool = True) -> DTIResult:
+def dti_benchmark(
+    emb: Embeddings,
+    targets: pd.DataFrame,
+    seeds: int = 100,
+    positive_nM: float = 1000.0,
+    negative_nM: float = 10000.0,
+    min_negatives: int = 20,
+    negative_ratio: int = 2,
+    progress: bool = True,
+) -> DTIResult:
     """DESIGN §5 zero-shot DTI, exactly.
 
     Per compound: positives = genes with activity ≤ ``positive_nM``; the grey zone
@@ -104,25 +121,35 @@ def dti_benchmark(emb: Embeddings, targets: pd.DataFrame, seeds: int = 100, posi
     genes, gene_x = genes[annotated], gene_x[annotated]
     keys, comp_x = compound_embeddings(emb, targets["compound"].unique())
     if len(keys) == 0:
-        raise CellrepError("no compound of the drug-target table is among the embedded treatment wells",
-                           fix="check that compound names in the table match the 'perturbation' column")
+        raise CellrepError(
+            "no compound of the drug-target table is among the embedded treatment wells",
+            fix="check that compound names in the table match the 'perturbation' column",
+        )
     if len(genes) == 0:
-        raise CellrepError("no gene of the drug-target table is among the embedded gene perturbations",
-                           fix="check that gene symbols in the table match the embedded perturbations")
+        raise CellrepError(
+            "no gene of the drug-target table is among the embedded gene perturbations",
+            fix="check that gene symbols in the table match the embedded perturbations",
+        )
     compounds = np.array(sorted(keys["compound"].unique()))
-    activity = (targets.groupby(["compound", "gene"])["activity_nM"].min().unstack()
-                .reindex(index=compounds, columns=genes).to_numpy())
+    activity = (
+        targets.groupby(["compound", "gene"])["activity_nM"]
+        .min()
+        .unstack()
+        .reindex(index=compounds, columns=genes)
+        .to_numpy()
+    )
     positive = activity <= positive_nM
     pool = ~positive & ~((activity > positive_nM) & (activity < negative_nM))  # unmeasured = inactive
     n_pos = positive.sum(axis=1)
     n_neg = np.maximum(negative_ratio * n_pos, min_negatives)
     usable = (n_pos > 0) & (pool.sum(axis=1) >= n_neg)
-    skipped = {"no_positive": int((n_pos == 0).sum()),
-               "too_few_negatives": int(((n_pos > 0) & ~usable).sum())}
+    skipped = {"no_positive": int((n_pos == 0).sum()), "too_few_negatives": int(((n_pos > 0) & ~usable).sum())}
     if not usable.any():
-        raise CellrepError(f"no compound has a target (≤{positive_nM:g} nM) and {min_negatives}+ candidate "
-                           f"negatives among the {len(genes)} embedded genes (skipped: {skipped})",
-                           fix="embed more gene perturbations, or check the activity units (nM)")
+        raise CellrepError(
+            f"no compound has a target (≤{positive_nM:g} nM) and {min_negatives}+ candidate "
+            f"negatives among the {len(genes)} embedded genes (skipped: {skipped})",
+            fix="embed more gene perturbations, or check the activity units (nM)",
+        )
     compounds, positive, pool, n_neg = compounds[usable], positive[usable], pool[usable], n_neg[usable]
 
     # |cosine| per concentration (NaN where a compound lacks that dose), and the max over doses
@@ -146,16 +173,25 @@ def dti_benchmark(emb: Embeddings, targets: pd.DataFrame, seeds: int = 100, posi
             scores = np.take_along_axis(grid, order, axis=1)
             has = ~np.isnan(scores).any(axis=1, where=valid)  # compounds measured at this dose
             s, v, y = np.nan_to_num(scores[has]), valid[has], labels[has]
-            values = {"ap": average_precision(s, y, v), "auc": roc_auc(s, y, v),
-                      "random_ap": average_precision(random_scores[has], y, v),
-                      "random_auc": roc_auc(random_scores[has], y, v)}
+            values = {
+                "ap": average_precision(s, y, v),
+                "auc": roc_auc(s, y, v),
+                "random_ap": average_precision(random_scores[has], y, v),
+                "random_auc": roc_auc(random_scores[has], y, v),
+            }
             for metric, vals in values.items():
                 full = np.full(len(compounds), np.nan)
                 full[has] = vals
                 runs[name][metric].append(full)
 
-    metrics: dict = {"n_compounds": int(usable.sum()), "n_genes": int(len(genes)), "skipped": skipped,
-                     "seeds": seeds, "positive_nM": positive_nM, "negative_nM": negative_nM}
+    metrics: dict = {
+        "n_compounds": int(usable.sum()),
+        "n_genes": int(len(genes)),
+        "skipped": skipped,
+        "seeds": seeds,
+        "positive_nM": positive_nM,
+        "negative_nM": negative_nM,
+    }
     frames = []
     with warnings.catch_warnings():  # a compound without this dose is all-NaN: its statistics stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -166,8 +202,9 @@ def dti_benchmark(emb: Embeddings, targets: pd.DataFrame, seeds: int = 100, posi
                 table = np.stack(per_seed)  # seeds × compounds
                 # quantile over compounds within each seed, then mean ± std over seeds
                 q = np.nanquantile(table, list(QUANTILES.values()), axis=1)  # quantiles × seeds
-                metrics[name][metric] = {k: {"mean": float(q[i].mean()), "std": float(q[i].std())}
-                                         for i, k in enumerate(QUANTILES)}
+                metrics[name][metric] = {
+                    k: {"mean": float(q[i].mean()), "std": float(q[i].std())} for i, k in enumerate(QUANTILES)
+                }
                 frame[metric] = np.nanmean(table, axis=0)
             frames.append(frame)
     return DTIResult(metrics, pd.concat(frames, ignore_index=True))

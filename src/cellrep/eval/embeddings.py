@@ -44,27 +44,37 @@ class Embeddings:
     def __post_init__(self) -> None:
         feats = np.asarray(self.features)
         if feats.ndim != 2:
-            raise CellrepError(f"embeddings must be a 2-D array (wells × features), got shape {feats.shape}",
-                               fix="pass one row of features per well")
+            raise CellrepError(
+                f"embeddings must be a 2-D array (wells × features), got shape {feats.shape}",
+                fix="pass one row of features per well",
+            )
         if len(self.meta) != feats.shape[0]:
             raise CellrepError(
                 f"embeddings and metadata do not align: {feats.shape[0]} feature rows but {len(self.meta)} "
-                "metadata rows", fix="give exactly one metadata row per embedding row, in the same order")
+                "metadata rows",
+                fix="give exactly one metadata row per embedding row, in the same order",
+            )
         if feats.shape[0] == 0 or feats.shape[1] == 0:
             raise CellrepError(f"embeddings are empty (shape {feats.shape})", fix="embed at least one well")
         missing = [c for c in REQUIRED if c not in self.meta.columns]
         if missing:
-            raise CellrepError(f"embedding metadata lacks column(s) {missing} (has {list(self.meta.columns)[:12]})",
-                               fix="add them or map your names with rename={your_name: canonical_name}")
+            raise CellrepError(
+                f"embedding metadata lacks column(s) {missing} (has {list(self.meta.columns)[:12]})",
+                fix="add them or map your names with rename={your_name: canonical_name}",
+            )
         if self.meta[list(REQUIRED)].isna().any().any():
             bad = self.meta[list(REQUIRED)].isna().sum()
-            raise CellrepError(f"embedding metadata has empty values: {bad[bad > 0].to_dict()}",
-                               fix="every well needs an experiment, a perturbation and a well_type")
+            raise CellrepError(
+                f"embedding metadata has empty values: {bad[bad > 0].to_dict()}",
+                fix="every well needs an experiment, a perturbation and a well_type",
+            )
         finite = np.isfinite(feats).all(axis=1)
         if not finite.all():
-            raise CellrepError(f"{int((~finite).sum())} embedding row(s) contain NaN or inf "
-                               f"(first: row {int(np.flatnonzero(~finite)[0])})",
-                               fix="drop or recompute those wells")
+            raise CellrepError(
+                f"{int((~finite).sum())} embedding row(s) contain NaN or inf "
+                f"(first: row {int(np.flatnonzero(~finite)[0])})",
+                fix="drop or recompute those wells",
+            )
         self.features = np.ascontiguousarray(feats, dtype=np.float32)
         self.meta = self.meta.reset_index(drop=True)
 
@@ -113,8 +123,10 @@ def aggregate_wells(features: np.ndarray, sites: pd.DataFrame) -> Embeddings:
     perturbation); ``n_sites`` counts the sites that were averaged.
     """
     if len(sites) != len(features):
-        raise CellrepError(f"site features ({len(features)}) and site metadata ({len(sites)}) do not align",
-                           fix="pass one metadata row per feature row")
+        raise CellrepError(
+            f"site features ({len(features)}) and site metadata ({len(sites)}) do not align",
+            fix="pass one metadata row per feature row",
+        )
     missing = [c for c in WELL_KEYS if c not in sites.columns]
     if missing:
         raise CellrepError(f"site metadata lacks well key column(s) {missing}", fix="add experiment, plate, well")
@@ -134,17 +146,23 @@ def split_frame(frame: pd.DataFrame, source: str) -> tuple[pd.DataFrame, np.ndar
     """Separate ``feature_<i>`` columns (ordered by i) from metadata columns."""
     numbered = sorted(((int(m.group(1)), c) for c in frame.columns if (m := _FEATURE.match(str(c)))))
     if not numbered:
-        raise CellrepError(f"{source} has no '{FEATURE_PREFIX}<i>' columns (columns: {list(frame.columns)[:8]}...)",
-                           fix=f"name the embedding columns {FEATURE_PREFIX}0, {FEATURE_PREFIX}1, ...")
+        raise CellrepError(
+            f"{source} has no '{FEATURE_PREFIX}<i>' columns (columns: {list(frame.columns)[:8]}...)",
+            fix=f"name the embedding columns {FEATURE_PREFIX}0, {FEATURE_PREFIX}1, ...",
+        )
     if [i for i, _ in numbered] != list(range(len(numbered))):
-        raise CellrepError(f"{source}: feature columns are not numbered 0..{len(numbered) - 1} without gaps",
-                           fix="renumber the feature columns")
+        raise CellrepError(
+            f"{source}: feature columns are not numbered 0..{len(numbered) - 1} without gaps",
+            fix="renumber the feature columns",
+        )
     cols = [c for _, c in numbered]
     meta = frame.drop(columns=cols)
     try:
         feats = frame[cols].to_numpy(dtype=np.float32)
     except (TypeError, ValueError) as exc:
-        raise CellrepError(f"{source}: feature columns are not numeric: {exc}", fix="store features as floats") from None
+        raise CellrepError(
+            f"{source}: feature columns are not numeric: {exc}", fix="store features as floats"
+        ) from None
     return meta, feats
 
 
@@ -159,8 +177,9 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise CellrepError(f"cannot read {path} as parquet: {exc}", fix="give a parquet (or csv) file") from None
 
 
-def read_embeddings(path: Path | str, metadata: Path | str | None = None, join_on: str = "well_id",
-                    rename: dict[str, str] | None = None) -> Embeddings:
+def read_embeddings(
+    path: Path | str, metadata: Path | str | None = None, join_on: str = "well_id", rename: dict[str, str] | None = None
+) -> Embeddings:
     """Load well embeddings from a parquet (metadata columns + ``feature_*``), no checkpoint needed.
 
     ``metadata``: a separate table (csv/parquet) joined on ``join_on``; every
@@ -182,14 +201,18 @@ def _join_metadata(left: pd.DataFrame, path: Path, key: str) -> pd.DataFrame:
         if key not in frame.columns:
             raise CellrepError(f"{side} has no join column '{key}'", fix="set join_on to a column both tables have")
     if right[key].duplicated().any():
-        raise CellrepError(f"{path}: {int(right[key].duplicated().sum())} duplicated '{key}' values",
-                           fix=f"'{key}' must identify one well in the metadata")
+        raise CellrepError(
+            f"{path}: {int(right[key].duplicated().sum())} duplicated '{key}' values",
+            fix=f"'{key}' must identify one well in the metadata",
+        )
     merged = left[[key]].astype({key: str}).merge(right.astype({key: str}), on=key, how="left", indicator=True)
     lost = merged["_merge"] != "both"
     if lost.any():
-        raise CellrepError(f"embeddings and metadata do not align: {int(lost.sum())} of {len(left)} embedding rows "
-                           f"have no metadata row (e.g. {key}={merged.loc[lost, key].iloc[0]!r})",
-                           fix=f"give the metadata of every embedded well, matched on '{key}'")
+        raise CellrepError(
+            f"embeddings and metadata do not align: {int(lost.sum())} of {len(left)} embedding rows "
+            f"have no metadata row (e.g. {key}={merged.loc[lost, key].iloc[0]!r})",
+            fix=f"give the metadata of every embedded well, matched on '{key}'",
+        )
     extra = [c for c in left.columns if c != key]
     merged = merged.drop(columns="_merge")
     for c in extra:  # metadata already in the embeddings file wins only where the join has none

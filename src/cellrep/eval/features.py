@@ -25,8 +25,10 @@ def block_names(backbone: nn.Module) -> list[str]:
     """Names of the probe-able blocks, in depth order (timm ``feature_info`` module names)."""
     info = getattr(backbone, "feature_info", None)
     if not hasattr(backbone, "forward_intermediates") or not info:
-        raise CellrepError(f"backbone {type(backbone).__name__} does not expose per-block features",
-                           fix="use a timm model with forward_intermediates (ViTs, ResNets, ConvNeXts, ...)")
+        raise CellrepError(
+            f"backbone {type(backbone).__name__} does not expose per-block features",
+            fix="use a timm model with forward_intermediates (ViTs, ResNets, ConvNeXts, ...)",
+        )
     return [str(entry["module"]) if isinstance(entry, dict) else str(i) for i, entry in enumerate(info)]
 
 
@@ -38,11 +40,14 @@ def resolve_block(backbone: nn.Module, block: int | str) -> int:
     try:
         k = int(block)
     except (TypeError, ValueError):
-        raise CellrepError(f"unknown block {block!r}", fix=f"use an index 0..{len(names) - 1}, 'best', or one of "
-                           f"{names}") from None
+        raise CellrepError(
+            f"unknown block {block!r}", fix=f"use an index 0..{len(names) - 1}, 'best', or one of {names}"
+        ) from None
     if not -len(names) <= k < len(names):
-        raise CellrepError(f"block {k} is out of range: the backbone has {len(names)} blocks",
-                           fix=f"use 0..{len(names) - 1} (or -1 for the last)")
+        raise CellrepError(
+            f"block {k} is out of range: the backbone has {len(names)} blocks",
+            fix=f"use 0..{len(names) - 1} (or -1 for the last)",
+        )
     return k % len(names)
 
 
@@ -50,13 +55,21 @@ def _has_tokens(backbone: nn.Module) -> bool:
     return "return_prefix_tokens" in inspect.signature(backbone.forward_intermediates).parameters
 
 
-def pooled_block_features(backbone: nn.Module, images: torch.Tensor, indices: list[int] | None = None
-                          ) -> list[torch.Tensor]:
+def pooled_block_features(
+    backbone: nn.Module, images: torch.Tensor, indices: list[int] | None = None
+) -> list[torch.Tensor]:
     """One forward pass → per requested block a (B, D_b) pooled feature (see module docstring)."""
     stop = indices is not None
     if _has_tokens(backbone):
-        outs = backbone.forward_intermediates(images, indices=indices, return_prefix_tokens=True, norm=False,
-                                              output_fmt="NLC", intermediates_only=True, stop_early=stop)
+        outs = backbone.forward_intermediates(
+            images,
+            indices=indices,
+            return_prefix_tokens=True,
+            norm=False,
+            output_fmt="NLC",
+            intermediates_only=True,
+            stop_early=stop,
+        )
         has_cls = getattr(backbone, "cls_token", None) is not None
         pooled = []
         for tokens, prefix in outs:
@@ -78,8 +91,13 @@ class BlockFeatures:
 
 
 @torch.inference_mode()
-def extract_block_features(backbone: nn.Module, loader, blocks: list[int] | None = None,
-                           device: str | torch.device = "cpu", progress: bool = True) -> BlockFeatures:
+def extract_block_features(
+    backbone: nn.Module,
+    loader,
+    blocks: list[int] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> BlockFeatures:
     """Run ``backbone`` once over ``loader`` (batches of ``{"image", "index"}``), pooling each block.
 
     A loader with a ``finish_batch`` (every CellDataModule loader) has each batch finished on ``device``
@@ -92,18 +110,24 @@ def extract_block_features(backbone: nn.Module, loader, blocks: list[int] | None
     wanted = list(range(len(names))) if blocks is None else sorted({int(b) for b in blocks})
     backbone = backbone.eval().to(device)
     # CellDataModule loaders hand out uint8 crops; their finish_batch normalizes on the device, exactly
-    # as Lightning's on_after_batch_transfer does in training (cellrep.data.datamodule)
+    # as Lightning's on_after_batch_transfer does in training (cellrep.data.loading.datamodule)
     finish = getattr(loader, "finish_batch", None)
     rows, chunks = [], [[] for _ in wanted]
-    for batch in tqdm(loader, desc=f"features ({len(wanted)} blocks, one pass)", disable=not progress,
-                      total=len(loader) if hasattr(loader, "__len__") else None):
+    for batch in tqdm(
+        loader,
+        desc=f"features ({len(wanted)} blocks, one pass)",
+        disable=not progress,
+        total=len(loader) if hasattr(loader, "__len__") else None,
+    ):
         images = batch["image"].to(device)
         if finish is not None:
             images = finish({**batch, "image": images})["image"]
         elif not images.is_floating_point():
-            raise CellrepError(f"the loader yields {images.dtype} images and has no finish_batch to normalize them",
-                               fix="pass a CellDataModule loader (dm.eval_dataloader(...)), or normalized float "
-                                   "batches (dm.finish_batch(batch))")
+            raise CellrepError(
+                f"the loader yields {images.dtype} images and has no finish_batch to normalize them",
+                fix="pass a CellDataModule loader (dm.eval_dataloader(...)), or normalized float "
+                "batches (dm.finish_batch(batch))",
+            )
         feats = pooled_block_features(backbone, images, None if blocks is None else wanted)
         for store, f in zip(chunks, feats):
             store.append(f.float().cpu().numpy())

@@ -47,8 +47,10 @@ def prepare(cfg: DictConfig) -> Prepared:
     data, split, seed, source = eval_data_config(cfg)
     dm = build_eval_datamodule(data, split, seed, cfg.loader.batch_size, cfg.loader.num_workers)
     if dm.in_chans != meta["in_chans"]:
-        raise CellrepError(f"the checkpoint takes {meta['in_chans']} channels but the data has {dm.in_chans}",
-                           fix="evaluate on the data the model was trained on (use_run_config=true)")
+        raise CellrepError(
+            f"the checkpoint takes {meta['in_chans']} channels but the data has {dm.in_chans}",
+            fix="evaluate on the data the model was trained on (use_run_config=true)",
+        )
     log.info("evaluating %s on %d sites (data/split from %s)", meta["model"]["name"], len(dm.index), source)
     return Prepared(backbone, dm, pick_device(cfg.device), meta["model"], source, data_root(data))
 
@@ -60,17 +62,29 @@ def site_frame(dm, rows) -> pd.DataFrame:
 
 def probe_settings(cfg: DictConfig) -> ProbeSettings:
     p = cfg.probe
-    return ProbeSettings(lrs=tuple(float(x) for x in p.lrs), epochs=int(p.epochs), batch_size=int(p.batch_size),
-                         weight_decay=float(p.weight_decay), seed=int(cfg.seed))
+    return ProbeSettings(
+        lrs=tuple(float(x) for x in p.lrs),
+        epochs=int(p.epochs),
+        batch_size=int(p.batch_size),
+        weight_decay=float(p.weight_decay),
+        seed=int(cfg.seed),
+    )
 
 
-def probe_all_blocks(prep: Prepared, settings: ProbeSettings, progress: bool = True
-                     ) -> tuple[BlockFeatures, pd.DataFrame, ProbeResult]:
+def probe_all_blocks(
+    prep: Prepared, settings: ProbeSettings, progress: bool = True
+) -> tuple[BlockFeatures, pd.DataFrame, ProbeResult]:
     """DESIGN §5: one backbone pass over every site records each block; probes train on cached features."""
     feats = extract_block_features(prep.backbone, prep.datamodule.eval_dataloader("all"), None, prep.device, progress)
     sites = site_frame(prep.datamodule, feats.rows)
-    result = train_probes(feats.features, sites["label"].to_numpy(), sites["split"].to_numpy(),
-                          prep.datamodule.num_classes, settings, progress=progress)
+    result = train_probes(
+        feats.features,
+        sites["label"].to_numpy(),
+        sites["split"].to_numpy(),
+        prep.datamodule.num_classes,
+        settings,
+        progress=progress,
+    )
     return feats, sites, result
 
 
@@ -79,12 +93,15 @@ def best_block_from_file(path: str | Path) -> str:
     try:
         return str(json.loads(path.read_text())["best_block"])
     except (OSError, ValueError, KeyError) as exc:
-        raise CellrepError(f"cannot read the best block from {path}: {exc}",
-                           fix="pass probe_results=<run>/probe.json written by cellrep-probe") from None
+        raise CellrepError(
+            f"cannot read the best block from {path}: {exc}",
+            fix="pass probe_results=<run>/probe.json written by cellrep-probe",
+        ) from None
 
 
-def embed_checkpoint(cfg: DictConfig, prep: Prepared, progress: bool = True
-                     ) -> tuple[Embeddings, str, ProbeResult | None]:
+def embed_checkpoint(
+    cfg: DictConfig, prep: Prepared, progress: bool = True
+) -> tuple[Embeddings, str, ProbeResult | None]:
     """Well embeddings from the block chosen by ``cfg.block`` (index, name, last, best)."""
     names = block_names(prep.backbone)
     block, result = str(cfg.block), None
@@ -97,7 +114,8 @@ def embed_checkpoint(cfg: DictConfig, prep: Prepared, progress: bool = True
     else:
         k = resolve_block(prep.backbone, -1 if block == "last" else block)
         name = names[k]
-        feats = extract_block_features(prep.backbone, prep.datamodule.eval_dataloader("all"), [k], prep.device,
-                                       progress)
+        feats = extract_block_features(
+            prep.backbone, prep.datamodule.eval_dataloader("all"), [k], prep.device, progress
+        )
         sites = site_frame(prep.datamodule, feats.rows)
     return aggregate_wells(feats.features[name], sites), name, result

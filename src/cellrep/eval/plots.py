@@ -52,8 +52,9 @@ def recall_bars(metrics: dict[str, dict], path: Path, threshold: str = "0.05/0.9
         ax.bar(np.arange(len(sources)) + i * width, values, width, label=corr)
     lo, hi = (float(v) for v in threshold.split("/"))
     ax.axhline(lo + (1 - hi), color="grey", ls="--", lw=1, label="random")
-    pairs = [next((metrics[c]["recall"][s]["n_pairs"] for c in corrections if s in metrics[c]["recall"]), 0)
-             for s in sources]
+    pairs = [
+        next((metrics[c]["recall"][s]["n_pairs"] for c in corrections if s in metrics[c]["recall"]), 0) for s in sources
+    ]
     ax.set_xticks(np.arange(len(sources)) + 0.4 - width / 2, [f"{s}\n({n} pairs)" for s, n in zip(sources, pairs)])
     ax.set_ylabel(f"recall at {threshold}")
     ax.set_title("known-relationship recall")

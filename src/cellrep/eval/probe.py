@@ -79,17 +79,23 @@ def _accuracy(model: LinearProbes, b: int, x: torch.Tensor, y: torch.Tensor, kee
         return nan, nan, None
     top1, top5, kept = 0, 0, []
     for start in range(0, len(y), chunk):
-        out = model.block_logits(b, x[start:start + chunk])
-        top1 = top1 + _hits(out, y[start:start + chunk], 1)
-        top5 = top5 + _hits(out, y[start:start + chunk], 5)
+        out = model.block_logits(b, x[start : start + chunk])
+        top1 = top1 + _hits(out, y[start : start + chunk], 1)
+        top5 = top5 + _hits(out, y[start : start + chunk], 5)
         if keep:
             kept.append(out)
     return top1 / len(y), top5 / len(y), torch.cat(kept, dim=1) if keep else None
 
 
-def train_probes(features: dict[str, np.ndarray], labels: np.ndarray, stage: np.ndarray, num_classes: int,
-                 settings: ProbeSettings = ProbeSettings(), keep_logits: bool = False,
-                 progress: bool = True) -> ProbeResult:
+def train_probes(
+    features: dict[str, np.ndarray],
+    labels: np.ndarray,
+    stage: np.ndarray,
+    num_classes: int,
+    settings: ProbeSettings = ProbeSettings(),
+    keep_logits: bool = False,
+    progress: bool = True,
+) -> ProbeResult:
     """Train a BatchNorm(affine=False) + linear probe per block and learning rate (DESIGN §5).
 
     ``features``: block name → (N, D_b) array, rows aligned with ``labels``
@@ -103,12 +109,17 @@ def train_probes(features: dict[str, np.ndarray], labels: np.ndarray, stage: np.
     names = list(features)
     for name in names:
         if len(features[name]) != len(labels):
-            raise CellrepError(f"probe features of block {name} ({len(features[name])} rows) do not align with "
-                               f"{len(labels)} labels", fix="pass one label per feature row")
+            raise CellrepError(
+                f"probe features of block {name} ({len(features[name])} rows) do not align with {len(labels)} labels",
+                fix="pass one label per feature row",
+            )
     masks = {s: torch.from_numpy(stage == s) for s in ("train", "val", "test")}
     if int(masks["train"].sum()) < 2 or int(masks["test"].sum()) == 0:
-        raise CellrepError(f"linear probing needs training and held-out rows (train={int(masks['train'].sum())}, "
-                           f"test={int(masks['test'].sum())})", fix="use a split with train and test experiments")
+        raise CellrepError(
+            f"linear probing needs training and held-out rows (train={int(masks['train'].sum())}, "
+            f"test={int(masks['test'].sum())})",
+            fix="use a split with train and test experiments",
+        )
     selected_on = "val" if int(masks["val"].sum()) else "train"
     if selected_on == "train":
         log.warning("no validation rows: the probe learning rate is chosen on training accuracy")
@@ -117,8 +128,10 @@ def train_probes(features: dict[str, np.ndarray], labels: np.ndarray, stage: np.
     xs = [torch.as_tensor(np.asarray(features[n]), dtype=torch.float32) for n in names]
     y = torch.from_numpy(labels.copy())
     model = LinearProbes([x.shape[1] for x in xs], num_classes, len(settings.lrs))
-    groups = [{"params": [p for heads in model.heads for p in heads[i].parameters()], "lr": lr}
-              for i, lr in enumerate(settings.lrs)]
+    groups = [
+        {"params": [p for heads in model.heads for p in heads[i].parameters()], "lr": lr}
+        for i, lr in enumerate(settings.lrs)
+    ]
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     train_rows = torch.nonzero(masks["train"]).squeeze(1)
     steps_per_epoch = max(1, math.ceil(len(train_rows) / settings.batch_size))
@@ -126,8 +139,12 @@ def train_probes(features: dict[str, np.ndarray], labels: np.ndarray, stage: np.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     generator = torch.Generator().manual_seed(settings.seed)
     model.train()
-    for _ in tqdm(range(settings.epochs), desc=f"probes ({len(names)} blocks × {len(settings.lrs)} lrs)",
-                  disable=not progress, leave=False):
+    for _ in tqdm(
+        range(settings.epochs),
+        desc=f"probes ({len(names)} blocks × {len(settings.lrs)} lrs)",
+        disable=not progress,
+        leave=False,
+    ):
         perm = train_rows[torch.randperm(len(train_rows), generator=generator)]
         for chunk in perm.split(settings.batch_size):
             if len(chunk) < 2:  # BatchNorm cannot normalize a single sample
@@ -145,19 +162,29 @@ def train_probes(features: dict[str, np.ndarray], labels: np.ndarray, stage: np.
     for b, name in enumerate(names):
         acc = {s: _accuracy(model, b, xs[b][mask], y[mask], keep_logits and s == "test") for s, mask in masks.items()}
         best = int(torch.nan_to_num(acc[selected_on][0], nan=-1.0).argmax())
-        rows.append({
-            "block": name, "block_index": b, "dim": int(xs[b].shape[1]), "best_lr": settings.lrs[best],
-            "train_acc": float(acc["train"][0][best]), "val_acc": float(acc["val"][0][best]),
-            "test_acc": float(acc["test"][0][best]), "test_acc_top5": float(acc["test"][1][best]),
-            "val_acc_mean_over_lrs": float(torch.nanmean(acc["val"][0])),
-            "acc_by_lr": {f"{lr:g}": {"val": float(acc["val"][0][i]), "train": float(acc["train"][0][i])}
-                          for i, lr in enumerate(settings.lrs)},
-        })
+        rows.append(
+            {
+                "block": name,
+                "block_index": b,
+                "dim": int(xs[b].shape[1]),
+                "best_lr": settings.lrs[best],
+                "train_acc": float(acc["train"][0][best]),
+                "val_acc": float(acc["val"][0][best]),
+                "test_acc": float(acc["test"][0][best]),
+                "test_acc_top5": float(acc["test"][1][best]),
+                "val_acc_mean_over_lrs": float(torch.nanmean(acc["val"][0])),
+                "acc_by_lr": {
+                    f"{lr:g}": {"val": float(acc["val"][0][i]), "train": float(acc["train"][0][i])}
+                    for i, lr in enumerate(settings.lrs)
+                },
+            }
+        )
         if keep_logits:
             logits_out[name] = acc["test"][2][best].numpy()
     table = pd.DataFrame(rows)
     key = f"{selected_on}_acc"
     ranked = table.assign(_tie=table["val_acc_mean_over_lrs"].fillna(-1)).sort_values(
-        [key, "_tie", "block_index"], ascending=False, kind="stable")
+        [key, "_tie", "block_index"], ascending=False, kind="stable"
+    )
     table["chance"] = 1.0 / max(1, len(np.unique(labels[stage == "test"])))
     return ProbeResult(table, str(ranked["block"].iloc[0]), selected_on, logits_out if keep_logits else None)

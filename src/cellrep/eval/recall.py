@@ -37,8 +37,10 @@ def gene_embeddings(emb: Embeddings) -> tuple[np.ndarray, np.ndarray]:
     """
     sub = emb.subset(emb.genetic_mask())
     if len(sub.meta) == 0:
-        raise CellrepError("no genetic-perturbation treatment wells to compute recall on",
-                           fix="recall needs wells with perturbation_type siRNA or CRISPR and well_type treatment")
+        raise CellrepError(
+            "no genetic-perturbation treatment wells to compute recall on",
+            fix="recall needs wells with perturbation_type siRNA or CRISPR and well_type treatment",
+        )
     genes = strip_guide_suffix(sub.meta["perturbation"]).to_numpy(dtype=str)
     names, inverse = np.unique(genes, return_inverse=True)
     order = np.argsort(inverse, kind="stable")  # wells grouped by gene: one reduceat, no np.add.at
@@ -54,8 +56,7 @@ def cosine_matrix(x: np.ndarray) -> np.ndarray:
     return unit @ unit.T
 
 
-def pair_recall(genes: np.ndarray, cos: np.ndarray, pairs: pd.DataFrame,
-                thresholds=THRESHOLDS) -> dict:
+def pair_recall(genes: np.ndarray, cos: np.ndarray, pairs: pd.DataFrame, thresholds=THRESHOLDS) -> dict:
     """Two-sided recall of annotated pairs against the all-pairs null (DESIGN §5, exactly).
 
     Null: the upper triangle (k=1) of the gene–gene cosine matrix, sorted, N
@@ -66,8 +67,9 @@ def pair_recall(genes: np.ndarray, cos: np.ndarray, pairs: pd.DataFrame,
     """
     genes = np.asarray(genes, dtype=str)
     if cos.shape != (len(genes), len(genes)):
-        raise CellrepError(f"cosine matrix {cos.shape} does not match {len(genes)} genes",
-                           fix="pass one row and column per gene")
+        raise CellrepError(
+            f"cosine matrix {cos.shape} does not match {len(genes)} genes", fix="pass one row and column per gene"
+        )
     if len(genes) < 2:
         raise CellrepError(f"recall needs at least 2 genes, got {len(genes)}", fix="embed more gene perturbations")
     index = pd.Index(genes)
@@ -77,10 +79,11 @@ def pair_recall(genes: np.ndarray, cos: np.ndarray, pairs: pd.DataFrame,
     a, b = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
     ab = np.unique(np.stack([a, b], axis=1), axis=0) if len(a) else np.zeros((0, 2), dtype=int)
     if len(ab) == 0:
-        raise CellrepError(f"no annotated pair has both genes among the {len(genes)} embedded genes "
-                           f"(e.g. {', '.join(genes[:3])})",
-                           fix="check that perturbation names are gene symbols (case-sensitive) "
-                           "matching the annotation file, or use another annotation source")
+        raise CellrepError(
+            f"no annotated pair has both genes among the {len(genes)} embedded genes (e.g. {', '.join(genes[:3])})",
+            fix="check that perturbation names are gene symbols (case-sensitive) "
+            "matching the annotation file, or use another annotation source",
+        )
     null = np.sort(cos[np.triu_indices(len(genes), k=1)])
     q = cos[ab[:, 0], ab[:, 1]]
     r_lo = np.searchsorted(null, q, side="right") / len(null)
@@ -121,6 +124,8 @@ def recall_benchmark(emb: Embeddings, sources=SHIPPED, thresholds=THRESHOLDS) ->
             out[name] = {"n_pairs": 0, "skipped": exc.problem}
             log.warning("recall: %s skipped: %s", name, exc.problem)
     if reasons and len(reasons) == len(out):
-        raise CellrepError(f"no annotation source has a pair among the {len(genes)} embedded genes: {reasons}",
-                           fix="check that perturbation names are gene symbols matching the annotation files")
+        raise CellrepError(
+            f"no annotation source has a pair among the {len(genes)} embedded genes: {reasons}",
+            fix="check that perturbation names are gene symbols matching the annotation files",
+        )
     return out

@@ -36,9 +36,13 @@ def save_probe_outputs(out_dir: Path, result: ProbeResult) -> dict[str, Path]:
     table = result.table
     csv = atomic_write_text(out_dir / "probe.csv", table.drop(columns=["acc_by_lr"]).to_csv(index=False))
     best = table.loc[table["block"] == result.best_block].iloc[0]
-    record = {"best_block": result.best_block, "best_block_index": int(best["block_index"]),
-              "best_test_acc": float(best["test_acc"]), "selected_on": result.selected_on,
-              "blocks": table.to_dict(orient="records")}
+    record = {
+        "best_block": result.best_block,
+        "best_block_index": int(best["block_index"]),
+        "best_test_acc": float(best["test_acc"]),
+        "selected_on": result.selected_on,
+        "blocks": table.to_dict(orient="records"),
+    }
     js = atomic_write_json(out_dir / "probe.json", record)
     png = probe_curve(table, out_dir / "probe.png", result.best_block)
     return {"csv": csv, "json": js, "plot": png}
@@ -47,12 +51,17 @@ def save_probe_outputs(out_dir: Path, result: ProbeResult) -> dict[str, Path]:
 def probe_summary(result: ProbeResult) -> dict[str, Any]:
     table = result.table
     best = table.loc[table["block"] == result.best_block].iloc[0]
-    return {"best_block": result.best_block, "best_block_index": int(best["block_index"]),
-            "best_val_acc": float(best["val_acc"]), "best_test_acc": float(best["test_acc"]),
-            "best_test_acc_top5": float(best["test_acc_top5"]), "chance": float(best["chance"]),
-            "selected_on": result.selected_on,
-            "test_acc": {r.block: float(r.test_acc) for r in table.itertuples()},
-            "val_acc": {r.block: float(r.val_acc) for r in table.itertuples()}}
+    return {
+        "best_block": result.best_block,
+        "best_block_index": int(best["block_index"]),
+        "best_val_acc": float(best["val_acc"]),
+        "best_test_acc": float(best["test_acc"]),
+        "best_test_acc_top5": float(best["test_acc_top5"]),
+        "chance": float(best["chance"]),
+        "selected_on": result.selected_on,
+        "test_acc": {r.block: float(r.test_acc) for r in table.itertuples()},
+        "val_acc": {r.block: float(r.val_acc) for r in table.itertuples()},
+    }
 
 
 def log_to_loggers(cfg: DictConfig, metrics: dict[str, float], params: dict[str, Any]) -> list[str]:

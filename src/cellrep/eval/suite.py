@@ -40,23 +40,36 @@ def resolve_targets(setting: str, search: list[Path | None]) -> tuple[Path | Non
     if setting != "auto":
         path = Path(setting).expanduser()
         if not path.is_file():
-            raise CellrepError(f"drug-target table {path} does not exist",
-                               fix="set benchmarks.dti.targets to a CSV with columns compound,gene,activity_nM")
+            raise CellrepError(
+                f"drug-target table {path} does not exist",
+                fix="set benchmarks.dti.targets to a CSV with columns compound,gene,activity_nM",
+            )
         return path, None
     for folder in search:
         if folder is not None and (Path(folder) / TARGETS_FILE).is_file():
             return Path(folder) / TARGETS_FILE, None
-    return None, (f"no drug-target table: none given and no {TARGETS_FILE} next to the data; "
-                  "set benchmarks.dti.targets=<csv compound,gene,activity_nM>")
+    return None, (
+        f"no drug-target table: none given and no {TARGETS_FILE} next to the data; "
+        "set benchmarks.dti.targets=<csv compound,gene,activity_nM>"
+    )
 
 
-def run_suite(emb: Embeddings, corrections: list[str], benchmarks: dict[str, dict], probe: ProbeSettings,
-              targets: Path | None = None, targets_missing: str | None = None, progress: bool = True) -> SuiteResult:
+def run_suite(
+    emb: Embeddings,
+    corrections: list[str],
+    benchmarks: dict[str, dict],
+    probe: ProbeSettings,
+    targets: Path | None = None,
+    targets_missing: str | None = None,
+    progress: bool = True,
+) -> SuiteResult:
     """``benchmarks``: name → its settings (``benchmarks.<name>`` of the eval config)."""
     out = SuiteResult()
     unknown = sorted(set(benchmarks) - {"recall", "consistency", "dti", "classification"})
     if unknown:
-        raise CellrepError(f"unknown benchmark(s) {unknown}", fix="choose from recall, consistency, dti, classification")
+        raise CellrepError(
+            f"unknown benchmark(s) {unknown}", fix="choose from recall, consistency, dti, classification"
+        )
     if "dti" in benchmarks and targets is None:
         out.skipped["dti"] = targets_missing or "no drug-target table"
     if "classification" in benchmarks:
@@ -78,18 +91,25 @@ def run_suite(emb: Embeddings, corrections: list[str], benchmarks: dict[str, dic
                 thresholds = [tuple(float(v) for v in t) for t in settings["thresholds"]]
                 result[name] = recall_benchmark(corrected, sources, thresholds)
             elif name == "consistency":
-                result[name] = replicate_consistency(corrected, int(settings["null_samples"]),
-                                                     float(settings["alpha"]), seed=probe.seed)
+                result[name] = replicate_consistency(
+                    corrected, int(settings["null_samples"]), float(settings["alpha"]), seed=probe.seed
+                )
             elif name == "dti":
-                dti = dti_benchmark(corrected, table, seeds=int(settings["seeds"]),
-                                    positive_nM=float(settings["positive_nM"]),
-                                    negative_nM=float(settings["negative_nM"]),
-                                    min_negatives=int(settings["min_negatives"]), progress=progress)
+                dti = dti_benchmark(
+                    corrected,
+                    table,
+                    seeds=int(settings["seeds"]),
+                    positive_nM=float(settings["positive_nM"]),
+                    negative_nM=float(settings["negative_nM"]),
+                    min_negatives=int(settings["min_negatives"]),
+                    progress=progress,
+                )
                 result[name] = dti.metrics
                 out.dti_per_compound[method] = dti.per_compound
             elif name == "classification":
-                result[name] = classification_benchmark(corrected, probe, bool(settings["plate_groups"]),
-                                                        progress=progress)
+                result[name] = classification_benchmark(
+                    corrected, probe, bool(settings["plate_groups"]), progress=progress
+                )
         out.metrics[method] = result
     for name, why in out.skipped.items():
         log.warning("benchmark %s skipped: %s", name, why)

@@ -8,7 +8,7 @@ nothing but a row in this file.
 
 ``model.context_path=synthetic`` derives the file for the synthetic screen:
 each cell type's row is the base-morphology shift the generator adds to every
-site of that type (:func:`cellrep.data.synthetic.cell_type_base`, the
+site of that type (:func:`cellrep.data.sources.synthetic.cell_type_base`, the
 generator's own function). It is a *stand-in* for a
 transcriptomic embedding, and an idealized one: it describes exactly how the
 cell type's baseline differs, where a real embedding is a noisy, indirect
@@ -33,27 +33,35 @@ def read_context(path: str | Path) -> pd.DataFrame:
     """The context table: index = cell type (str), float columns = the vector."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CellrepError(f"context file {path} does not exist",
-                           fix="set model.context_path to a CSV 'cell_type,v0,v1,...' (or 'synthetic' for the "
-                               "synthetic screen, or null for no context)")
+        raise CellrepError(
+            f"context file {path} does not exist",
+            fix="set model.context_path to a CSV 'cell_type,v0,v1,...' (or 'synthetic' for the "
+            "synthetic screen, or null for no context)",
+        )
     try:
         table = pd.read_csv(path, dtype={"cell_type": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise CellrepError(f"context file {path} is not a readable CSV ({exc})",
-                           fix="write it as CSV with header cell_type,v0,v1,...") from None
+        raise CellrepError(
+            f"context file {path} is not a readable CSV ({exc})", fix="write it as CSV with header cell_type,v0,v1,..."
+        ) from None
     if "cell_type" not in table.columns or len(table.columns) < 2:
-        raise CellrepError(f"context file {path} has columns {list(table.columns)}",
-                           fix="the header must be cell_type followed by one column per vector component")
+        raise CellrepError(
+            f"context file {path} has columns {list(table.columns)}",
+            fix="the header must be cell_type followed by one column per vector component",
+        )
     table["cell_type"] = table["cell_type"].astype(str).str.strip()
     dup = table["cell_type"][table["cell_type"].duplicated()].unique()
     if len(dup):
-        raise CellrepError(f"context file {path} lists cell type(s) {list(dup)} more than once",
-                           fix="keep one row per cell type")
+        raise CellrepError(
+            f"context file {path} lists cell type(s) {list(dup)} more than once", fix="keep one row per cell type"
+        )
     values = table.drop(columns="cell_type").apply(pd.to_numeric, errors="coerce")
     if values.isna().any().any() or not np.isfinite(values.to_numpy()).all():
         row = table["cell_type"][values.isna().any(axis=1) | ~np.isfinite(values.to_numpy()).all(axis=1)].iloc[0]
-        raise CellrepError(f"context file {path}: the vector of cell type '{row}' has a missing or non-numeric value",
-                           fix="every column after cell_type must hold a finite number")
+        raise CellrepError(
+            f"context file {path}: the vector of cell type '{row}' has a missing or non-numeric value",
+            fix="every column after cell_type must hold a finite number",
+        )
     values.index = table["cell_type"].to_list()
     return values.astype(np.float32)
 
@@ -63,20 +71,23 @@ def context_matrix(path: str | Path, cell_types: Sequence[str]) -> np.ndarray:
     table = read_context(path)
     missing = [c for c in cell_types if str(c) not in table.index]
     if missing:
-        raise CellrepError(f"cell type(s) {missing} have no context vector in {path} (it has {list(table.index)})",
-                           fix=f"add a row per cell type to {path}: the vector describes the cell line to the model")
+        raise CellrepError(
+            f"cell type(s) {missing} have no context vector in {path} (it has {list(table.index)})",
+            fix=f"add a row per cell type to {path}: the vector describes the cell line to the model",
+        )
     return table.loc[[str(c) for c in cell_types]].to_numpy(np.float32)
 
 
 def synthetic_context(synthetic_cfg) -> pd.DataFrame:
     """The synthetic screen's per-cell-type base morphology shifts (see the module docstring)."""
-    from cellrep.data import synthetic
-    from cellrep.data.synthetic_cells import num_parameters, parameter_names
+    from cellrep.data.sources import synthetic
+    from cellrep.data.sources.synthetic_cells import num_parameters, parameter_names
 
     seed = int(synthetic_cfg["seed"])
     channels = len(synthetic_cfg["channel_names"])
-    rows = {str(c): synthetic.cell_type_base(seed, str(c), num_parameters(channels))
-            for c in synthetic_cfg["cell_types"]}
+    rows = {
+        str(c): synthetic.cell_type_base(seed, str(c), num_parameters(channels)) for c in synthetic_cfg["cell_types"]
+    }
     return pd.DataFrame.from_dict(rows, orient="index", columns=list(parameter_names(channels)))
 
 

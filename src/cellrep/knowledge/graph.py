@@ -51,8 +51,10 @@ HETIONET_GENE_PREFIX = "Gene::"
 HETIONET_METAEDGES = ("GiG",)  # Gene–interacts–Gene; also gene–gene: GcG (covaries), Gr>G (regulates)
 NODE_ID_COLUMNS = ("id", "#string_protein_id", "string_protein_id", "protein")
 NODE_NAME_COLUMNS = ("name", "preferred_name", "symbol")
-FORMATS_HELP = ("'protein1 protein2 combined_score' (STRING, whitespace separated), "
-                "'source metaedge target' (Hetionet edges, tab separated) or 'entity1,entity2' (annotation CSV)")
+FORMATS_HELP = (
+    "'protein1 protein2 combined_score' (STRING, whitespace separated), "
+    "'source metaedge target' (Hetionet edges, tab separated) or 'entity1,entity2' (annotation CSV)"
+)
 
 
 @dataclass(frozen=True)
@@ -92,8 +94,10 @@ def _header(path: Path) -> str:
         with _open_text(path) as f:
             return f.readline().rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:
-        raise CellrepError(f"graph file {path} cannot be read as text ({exc})",
-                           fix=f"give a text (or .gz) file with header {FORMATS_HELP}") from None
+        raise CellrepError(
+            f"graph file {path} cannot be read as text ({exc})",
+            fix=f"give a text (or .gz) file with header {FORMATS_HELP}",
+        ) from None
 
 
 def detect_format(path: Path) -> str:
@@ -106,31 +110,39 @@ def detect_format(path: Path) -> str:
         return "string"
     if set(HETIONET_COLUMNS) <= set(columns):
         return "hetionet"
-    raise CellrepError(f"graph file {path} has columns {columns}, which no known graph format has",
-                       fix=f"give a file whose header is {FORMATS_HELP}")
+    raise CellrepError(
+        f"graph file {path} has columns {columns}, which no known graph format has",
+        fix=f"give a file whose header is {FORMATS_HELP}",
+    )
 
 
 def _read_table(path: Path, sep: str, what: str) -> pd.DataFrame:
     try:
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, engine="python" if sep != "\t" else "c")
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, OSError) as exc:
-        raise CellrepError(f"{what} {path} is not a readable table ({exc})",
-                           fix=f"check the file; graph files need the header {FORMATS_HELP}") from None
+        raise CellrepError(
+            f"{what} {path} is not a readable table ({exc})",
+            fix=f"check the file; graph files need the header {FORMATS_HELP}",
+        ) from None
 
 
 def read_node_names(path: str | Path) -> dict[str, str]:
     """id → gene symbol from a node table: Hetionet ``id name kind`` or STRING ``protein.info``."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CellrepError(f"graph node table {path} does not exist",
-                           fix="point task.graph_nodes at hetionet-v1.0-nodes.tsv or STRING's protein.info file")
+        raise CellrepError(
+            f"graph node table {path} does not exist",
+            fix="point task.graph_nodes at hetionet-v1.0-nodes.tsv or STRING's protein.info file",
+        )
     table = _read_table(path, "\t", "graph node table")
     id_col = next((c for c in NODE_ID_COLUMNS if c in table.columns), None)
     name_col = next((c for c in NODE_NAME_COLUMNS if c in table.columns), None)
     if id_col is None or name_col is None:
-        raise CellrepError(f"graph node table {path} has columns {list(table.columns)}",
-                           fix=f"a tab-separated table with an id column (one of {list(NODE_ID_COLUMNS)}) and a "
-                               f"name column (one of {list(NODE_NAME_COLUMNS)}), e.g. Hetionet's 'id name kind'")
+        raise CellrepError(
+            f"graph node table {path} has columns {list(table.columns)}",
+            fix=f"a tab-separated table with an id column (one of {list(NODE_ID_COLUMNS)}) and a "
+            f"name column (one of {list(NODE_NAME_COLUMNS)}), e.g. Hetionet's 'id name kind'",
+        )
     return dict(zip(table[id_col].str.strip(), table[name_col].str.strip()))
 
 
@@ -139,8 +151,10 @@ def _string_edges(path: Path, names: dict[str, str] | None) -> pd.DataFrame:
     score = pd.to_numeric(table["combined_score"], errors="coerce")
     if score.isna().any() or (score < 0).any() or (score > 1000).any():
         bad = table.loc[score.isna() | (score < 0) | (score > 1000), "combined_score"].iloc[0]
-        raise CellrepError(f"STRING file {path}: combined_score '{bad}' is not a score in 0..1 or 0..1000",
-                           fix="combined_score must be a number, STRING's 0-1000 scale or a 0-1 weight")
+        raise CellrepError(
+            f"STRING file {path}: combined_score '{bad}' is not a score in 0..1 or 0..1000",
+            fix="combined_score must be a number, STRING's 0-1000 scale or a 0-1 weight",
+        )
     if len(score) and score.max() > 1:  # STRING's integer scale
         score = score / 1000.0
     a, b = table["protein1"].str.strip(), table["protein2"].str.strip()
@@ -149,16 +163,18 @@ def _string_edges(path: Path, names: dict[str, str] | None) -> pd.DataFrame:
     return pd.DataFrame({"a": a, "b": b, "weight": score.to_numpy(float)})
 
 
-def _hetionet_edges(path: Path, names: dict[str, str] | None,
-                    metaedges: Iterable[str]) -> pd.DataFrame:
+def _hetionet_edges(path: Path, names: dict[str, str] | None, metaedges: Iterable[str]) -> pd.DataFrame:
     table = _read_table(path, "\t", "Hetionet edge file")
     gene_gene = table["source"].str.startswith(HETIONET_GENE_PREFIX) & table["target"].str.startswith(
-        HETIONET_GENE_PREFIX)
+        HETIONET_GENE_PREFIX
+    )
     keep = gene_gene & table["metaedge"].isin(list(metaedges))
     if gene_gene.any() and not keep.any():
-        raise CellrepError(f"Hetionet file {path} has no gene-gene edges of metaedges {list(metaedges)} "
-                           f"(it has {sorted(table.loc[gene_gene, 'metaedge'].unique())})",
-                           fix="choose metaedges present in the file, e.g. GiG")
+        raise CellrepError(
+            f"Hetionet file {path} has no gene-gene edges of metaedges {list(metaedges)} "
+            f"(it has {sorted(table.loc[gene_gene, 'metaedge'].unique())})",
+            fix="choose metaedges present in the file, e.g. GiG",
+        )
     table = table[keep]
 
     def symbol(ids: pd.Series) -> pd.Series:
@@ -166,8 +182,7 @@ def _hetionet_edges(path: Path, names: dict[str, str] | None,
             return ids.map(lambda x: names.get(x, x.removeprefix(HETIONET_GENE_PREFIX)))
         return ids.str.removeprefix(HETIONET_GENE_PREFIX)
 
-    return pd.DataFrame({"a": symbol(table["source"]), "b": symbol(table["target"]),
-                         "weight": np.ones(len(table))})
+    return pd.DataFrame({"a": symbol(table["source"]), "b": symbol(table["target"]), "weight": np.ones(len(table))})
 
 
 def resolve_graph_path(path_or_name: str | Path) -> Path:
@@ -176,14 +191,17 @@ def resolve_graph_path(path_or_name: str | Path) -> Path:
         return resolve_annotation_path(str(path_or_name))
     path = Path(str(path_or_name)).expanduser()
     if not path.is_file():
-        raise CellrepError(f"graph file {path} does not exist",
-                           fix=f"set task.graph_path to a shipped annotation ({', '.join(SHIPPED)}) or to a file "
-                               f"whose header is {FORMATS_HELP}")
+        raise CellrepError(
+            f"graph file {path} does not exist",
+            fix=f"set task.graph_path to a shipped annotation ({', '.join(SHIPPED)}) or to a file "
+            f"whose header is {FORMATS_HELP}",
+        )
     return path
 
 
-def load_graph(path_or_name: str | Path, nodes: str | Path | None = None,
-               metaedges: Sequence[str] = HETIONET_METAEDGES) -> GeneGraph:
+def load_graph(
+    path_or_name: str | Path, nodes: str | Path | None = None, metaedges: Sequence[str] = HETIONET_METAEDGES
+) -> GeneGraph:
     """Read a STRING, Hetionet or annotation graph file (see the module docstring for the formats)."""
     path = resolve_graph_path(path_or_name)
     fmt = detect_format(path)
@@ -198,8 +216,13 @@ def load_graph(path_or_name: str | Path, nodes: str | Path | None = None,
     nodes_set = frozenset(raw["a"]) | frozenset(raw["b"])
     raw = raw[(raw["a"] != raw["b"]) & (raw["a"] != "") & (raw["b"] != "") & (raw["weight"] > 0)]
     swap = raw["b"] < raw["a"]
-    edges = pd.DataFrame({"gene_a": np.where(swap, raw["b"], raw["a"]), "gene_b": np.where(swap, raw["a"], raw["b"]),
-                          "weight": raw["weight"].to_numpy(float)})
+    edges = pd.DataFrame(
+        {
+            "gene_a": np.where(swap, raw["b"], raw["a"]),
+            "gene_b": np.where(swap, raw["a"], raw["b"]),
+            "weight": raw["weight"].to_numpy(float),
+        }
+    )
     edges = edges.groupby(["gene_a", "gene_b"], as_index=False, sort=True)["weight"].max()
     log.info("graph %s (%s): %d nodes, %d undirected edges", path, fmt, len(nodes_set), len(edges))
     return GeneGraph(edges=edges, nodes=frozenset(n for n in nodes_set if n), source=str(path), format=fmt)
@@ -228,9 +251,19 @@ def perturbation_graph(graph: GeneGraph, perturbations: Sequence[str]) -> Pertur
     missing = [n for n, p in zip(names, present) if not p]
     result = PerturbationGraph(names=names, weights=weights, present=present, missing=missing)
     shown = ", ".join(missing[:8]) + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else "")
-    log.info("graph %s: %d of %d perturbations are nodes, %d edges among them", graph.source,
-             int(present.sum()), len(names), result.num_edges)
+    log.info(
+        "graph %s: %d of %d perturbations are nodes, %d edges among them",
+        graph.source,
+        int(present.sum()),
+        len(names),
+        result.num_edges,
+    )
     if missing:
-        log.warning("%d of %d perturbations are absent from the graph %s and get no graph loss: %s",
-                    len(missing), len(names), graph.source, shown)
+        log.warning(
+            "%d of %d perturbations are absent from the graph %s and get no graph loss: %s",
+            len(missing),
+            len(names),
+            graph.source,
+            shown,
+        )
     return result

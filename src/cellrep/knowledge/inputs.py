@@ -24,16 +24,26 @@ def graph_inputs(task_cfg: DictConfig, class_names: Sequence[str]) -> tuple[dict
     graph = load_graph(task_cfg.graph_path, task_cfg.get("graph_nodes"))
     pg = perturbation_graph(graph, class_names)
     if pg.num_edges == 0:
-        raise CellrepError(f"task.graph_loss={name}: the graph {graph.source} has no edge between two of this "
-                           f"dataset's {len(class_names)} perturbations ({len(pg.missing)} are not nodes of it)",
-                           fix="use a graph over these genes (task.graph_path), map its ids with task.graph_nodes, "
-                               "or set task.graph_loss=none")
-    kwargs = {"graph_loss": name, "graph_weight": float(task_cfg.graph_weight),
-              "graph_temperature": float(task_cfg.graph_temperature),
-              "graph_weights": torch.from_numpy(pg.weights).float(), "graph_present": torch.from_numpy(pg.present)}
-    report = {"graph_source": graph.source, "graph_edges": pg.num_edges,
-              "graph_perturbations_present": int(pg.present.sum()), "graph_perturbations_absent": len(pg.missing),
-              "graph_absent": pg.missing}
+        raise CellrepError(
+            f"task.graph_loss={name}: the graph {graph.source} has no edge between two of this "
+            f"dataset's {len(class_names)} perturbations ({len(pg.missing)} are not nodes of it)",
+            fix="use a graph over these genes (task.graph_path), map its ids with task.graph_nodes, "
+            "or set task.graph_loss=none",
+        )
+    kwargs = {
+        "graph_loss": name,
+        "graph_weight": float(task_cfg.graph_weight),
+        "graph_temperature": float(task_cfg.graph_temperature),
+        "graph_weights": torch.from_numpy(pg.weights).float(),
+        "graph_present": torch.from_numpy(pg.present),
+    }
+    report = {
+        "graph_source": graph.source,
+        "graph_edges": pg.num_edges,
+        "graph_perturbations_present": int(pg.present.sum()),
+        "graph_perturbations_absent": len(pg.missing),
+        "graph_absent": pg.missing,
+    }
     return kwargs, report
 
 
@@ -46,13 +56,17 @@ def context_inputs(cfg: DictConfig, cell_types: Sequence[str]) -> torch.Tensor |
     if not path:
         return None
     if cfg.task.name != "supervised":
-        raise CellrepError(f"model.context_path is used by task=supervised, not task={cfg.task.name}",
-                           fix="drop model.context_path for this task")
+        raise CellrepError(
+            f"model.context_path is used by task=supervised, not task={cfg.task.name}",
+            fix="drop model.context_path for this task",
+        )
     if str(path) == SYNTHETIC:
         source = getattr(cfg.data.source, "name", cfg.data.source)
         if source != "synthetic" or cfg.data.get("synthetic") is None:
-            raise CellrepError(f"model.context_path=synthetic needs data=synthetic (this run has data={source})",
-                               fix="give a context CSV (cell_type,v0,v1,...) as model.context_path")
+            raise CellrepError(
+                f"model.context_path=synthetic needs data=synthetic (this run has data={source})",
+                fix="give a context CSV (cell_type,v0,v1,...) as model.context_path",
+            )
         table = synthetic_context(OmegaConf.to_container(cfg.data.synthetic, resolve=True))
         path = write_context(table, Path(cfg.paths.output_dir) / "context.csv")
         log.info("context vectors of the synthetic screen (stand-in for a transcriptomic embedding): %s", path)

@@ -6,10 +6,12 @@ Nothing is downloaded: models are always built with random weights
 
 from __future__ import annotations
 
+import cellrep  # noqa: F401  (torchvision compat before timm)
+
+# isort: split
 import difflib
 from typing import Any
 
-import cellrep  # noqa: F401  (torchvision compat before timm)
 import timm
 import torch.nn as nn
 
@@ -51,5 +53,6 @@ def build_backbone(
     try:
         return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes, **kwargs)
     except TypeError as exc:
-        raise CellrepError(f"model '{name}' rejected its arguments: {exc}",
-                           fix="remove the offending key from model.kwargs") from None
+        raise CellrepError(
+            f"model '{name}' rejected its arguments: {exc}", fix="remove the offending key from model.kwargs"
+        ) from None

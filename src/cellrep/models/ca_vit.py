@@ -11,6 +11,8 @@ becomes C·h·w tokens. Each token gets
   ``max_channels`` slots), so attention can tell stains apart.
 
 Inputs may have any size divisible by the patch: the position table is built
+import cellrep  # noqa: F401  (torchvision compat before timm)
+# isort: split
 from the grid of each batch. The interface mirrors timm's ``VisionTransformer``
 (``forward_features``, ``forward_head``, ``forward_intermediates``,
 ``set_grad_checkpointing``, ``reset_classifier``) and the models are registered
@@ -23,7 +25,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Optional, Union
 
-import cellrep  # noqa: F401  (torchvision compat before timm)
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
@@ -43,10 +44,20 @@ class ChannelAgnosticViT(nn.Module):
     channel_agnostic = True
     num_prefix_tokens = 1  # the class token
 
-    def __init__(self, patch_size: int = 16, num_classes: int = 1000, global_pool: str = "token",
-                 embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 max_channels: int = 16, drop_path_rate: float = 0.0,
-                 in_chans: Optional[int] = None, img_size: Optional[int] = None):
+    def __init__(
+        self,
+        patch_size: int = 16,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        max_channels: int = 16,
+        drop_path_rate: float = 0.0,
+        in_chans: Optional[int] = None,
+        img_size: Optional[int] = None,
+    ):
         # in_chans / img_size are accepted (timm passes them) and not needed: any count and size work.
         super().__init__()
         if global_pool not in ("token", "avg"):
@@ -58,11 +69,19 @@ class ChannelAgnosticViT(nn.Module):
         self.channel_embed = nn.Parameter(torch.zeros(max_channels, embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth, linear in depth
-        self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate,
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            for rate in rates
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=True,
+                    drop_path=rate,
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                )
+                for rate in rates
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
@@ -83,8 +102,10 @@ class ChannelAgnosticViT(nn.Module):
         """The channel-embedding slot of each input channel (default: slot c for channel c)."""
         if channel_ids is None:
             if num_channels > self.max_channels:
-                raise CellrepError(f"the input has {num_channels} channels; this CA-ViT has {self.max_channels} "
-                                   "channel slots", fix="build it with model.kwargs.max_channels=<at least C>")
+                raise CellrepError(
+                    f"the input has {num_channels} channels; this CA-ViT has {self.max_channels} channel slots",
+                    fix="build it with model.kwargs.max_channels=<at least C>",
+                )
             return torch.arange(num_channels, device=device)
         if channel_ids.numel() != num_channels:
             raise CellrepError(f"channel_ids names {channel_ids.numel()} channels, the input has {num_channels}")
@@ -95,8 +116,10 @@ class ChannelAgnosticViT(nn.Module):
         B, C, H, W = x.shape
         p = self.patch_size
         if H % p or W % p:
-            raise CellrepError(f"input {H}×{W} is not divisible by the patch size {p}",
-                               fix="use a data.crop_size that is a multiple of the patch size")
+            raise CellrepError(
+                f"input {H}×{W} is not divisible by the patch size {p}",
+                fix="use a data.crop_size that is a multiple of the patch size",
+            )
         tokens = self.patch_embed(x.reshape(B * C, 1, H, W))  # one shared embedding for every channel
         h, w = tokens.shape[-2:]
         tokens = tokens.flatten(2).transpose(1, 2).reshape(B, C, h * w, self.embed_dim)
@@ -116,16 +139,23 @@ class ChannelAgnosticViT(nn.Module):
         return self.norm(self.run_blocks(self.embed(x, channel_ids)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
+        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, channel_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, channel_ids))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None,
-                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NLC", intermediates_only: bool = False,
-                              channel_ids: Optional[torch.Tensor] = None):
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, list[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NLC",
+        intermediates_only: bool = False,
+        channel_ids: Optional[torch.Tensor] = None,
+    ):
         """timm's contract: the tokens after each chosen block (all blocks when ``indices`` is None).
 
         Returns ``B × C·h·w × D`` patch tokens per block (``(tokens, class token)``
@@ -134,17 +164,18 @@ class ChannelAgnosticViT(nn.Module):
         single spatial grid.
         """
         if output_fmt != "NLC":
-            raise CellrepError(f"a CA-ViT returns intermediates as NLC only (asked for {output_fmt})",
-                               fix="pass output_fmt='NLC'")
+            raise CellrepError(
+                f"a CA-ViT returns intermediates as NLC only (asked for {output_fmt})", fix="pass output_fmt='NLC'"
+            )
         take, last = feature_take_indices(len(self.blocks), indices)
         x = self.embed(x, channel_ids)
-        blocks = self.blocks[:last + 1] if stop_early else self.blocks
+        blocks = self.blocks[: last + 1] if stop_early else self.blocks
         intermediates = []
         for i, blk in enumerate(blocks):
             x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else blk(x)
             if i in take:
                 y = self.norm(x) if norm else x
-                tokens, prefix = y[:, self.num_prefix_tokens:], y[:, :self.num_prefix_tokens]
+                tokens, prefix = y[:, self.num_prefix_tokens :], y[:, : self.num_prefix_tokens]
                 intermediates.append((tokens, prefix) if return_prefix_tokens else tokens)
         if intermediates_only:
             return intermediates
@@ -167,39 +198,57 @@ class ChannelAgnosticViT(nn.Module):
         return {"cls_token", "channel_embed"}
 
 
-default_cfgs = generate_default_cfgs({
-    name: {"url": "", "num_classes": 0, "input_size": (6, 256, 256), "fixed_input_size": False,
-           "first_conv": "patch_embed", "classifier": "head", "mean": (0.0,), "std": (1.0,)}
-    for name in ("ca_vit_small_patch16", "ca_vit_base_patch16", "ca_vit_large_patch16", "ca_vit_large_patch8")
-})
+default_cfgs = generate_default_cfgs(
+    {
+        name: {
+            "url": "",
+            "num_classes": 0,
+            "input_size": (6, 256, 256),
+            "fixed_input_size": False,
+            "first_conv": "patch_embed",
+            "classifier": "head",
+            "mean": (0.0,),
+            "std": (1.0,),
+        }
+        for name in ("ca_vit_small_patch16", "ca_vit_base_patch16", "ca_vit_large_patch16", "ca_vit_large_patch8")
+    }
+)
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> ChannelAgnosticViT:
     if pretrained:
-        raise CellrepError(f"{variant} has no published weights",
-                           fix="pretrain it with task=mae, then fine-tune with task.init_from=<checkpoint>")
+        raise CellrepError(
+            f"{variant} has no published weights",
+            fix="pretrain it with task=mae, then fine-tune with task.init_from=<checkpoint>",
+        )
     return build_model_with_cfg(ChannelAgnosticViT, variant, pretrained=False, **kwargs)
 
 
 @register_model
 def ca_vit_small_patch16(pretrained: bool = False, **kwargs) -> ChannelAgnosticViT:
-    return _create("ca_vit_small_patch16", pretrained, **dict(dict(patch_size=16, embed_dim=384, depth=12,
-                                                                   num_heads=6), **kwargs))
+    return _create(
+        "ca_vit_small_patch16", pretrained, **dict(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), **kwargs)
+    )
 
 
 @register_model
 def ca_vit_base_patch16(pretrained: bool = False, **kwargs) -> ChannelAgnosticViT:
-    return _create("ca_vit_base_patch16", pretrained, **dict(dict(patch_size=16, embed_dim=768, depth=12,
-                                                                  num_heads=12), **kwargs))
+    return _create(
+        "ca_vit_base_patch16", pretrained, **dict(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), **kwargs)
+    )
 
 
 @register_model
 def ca_vit_large_patch16(pretrained: bool = False, **kwargs) -> ChannelAgnosticViT:
-    return _create("ca_vit_large_patch16", pretrained, **dict(dict(patch_size=16, embed_dim=1024, depth=24,
-                                                                   num_heads=16), **kwargs))
+    return _create(
+        "ca_vit_large_patch16",
+        pretrained,
+        **dict(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), **kwargs),
+    )
 
 
 @register_model
 def ca_vit_large_patch8(pretrained: bool = False, **kwargs) -> ChannelAgnosticViT:
-    return _create("ca_vit_large_patch8", pretrained, **dict(dict(patch_size=8, embed_dim=1024, depth=24,
-                                                                  num_heads=16), **kwargs))
+    return _create(
+        "ca_vit_large_patch8", pretrained, **dict(dict(patch_size=8, embed_dim=1024, depth=24, num_heads=16), **kwargs)
+    )

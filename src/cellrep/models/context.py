@@ -74,8 +74,12 @@ def _run_blocks(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return backbone.blocks(x)
 
 
-def pooled_features(backbone: nn.Module, images: torch.Tensor, context: CellTypeContext | None = None,
-                    cell_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+def pooled_features(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    context: CellTypeContext | None = None,
+    cell_type_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The backbone's pre-logit features (B×D), conditioned on the cell types' context when given.
 
     For FiLM the returned features are the unconditioned encoder output; apply
@@ -88,12 +92,16 @@ def pooled_features(backbone: nn.Module, images: torch.Tensor, context: CellType
     token = context(cell_type_ids).to(x.dtype)[:, None]
     x = torch.cat([x[:, :n], token, x[:, n:]], dim=1)
     x = backbone.norm(_run_blocks(backbone, x))
-    x = torch.cat([x[:, :n], x[:, n + 1:]], dim=1)  # pooling sees the usual tokens
+    x = torch.cat([x[:, :n], x[:, n + 1 :]], dim=1)  # pooling sees the usual tokens
     return backbone.forward_head(x, pre_logits=True)
 
 
-def classify(backbone: nn.Module, features: torch.Tensor, context: CellTypeContext | None = None,
-             cell_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+def classify(
+    backbone: nn.Module,
+    features: torch.Tensor,
+    context: CellTypeContext | None = None,
+    cell_type_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Logits from pooled features through the backbone's own classifier (after FiLM, for CNNs)."""
     if context is not None and context.mode == "film":
         features = context.film(features, cell_type_ids)

@@ -1,7 +1,7 @@
 """Masked autoencoder (He et al. 2022) around a timm ViT or a CA-ViT encoder.
 
 The encoder is the very backbone a supervised run builds (``num_classes=0``),
-so its state dict loads into one unchanged (:mod:`cellrep.tasks.init_from`).
+so its state dict loads into one unchanged (:mod:`cellrep.training.init_from`).
 Per sample, a random ``mask_ratio`` of the patch tokens is dropped *before* the
 encoder, which therefore runs on the visible quarter only (that is where MAE's
 speed comes from); a light decoder fills the sequence with a learned mask token,
@@ -56,8 +56,16 @@ def run_blocks(blocks: nn.Module, x: torch.Tensor, grad_checkpointing: bool) -> 
 class MAEDecoder(nn.Module):
     """Transformer decoder over the full token sequence: visible latents + mask tokens → pixels per token."""
 
-    def __init__(self, encoder_dim: int, pixels_per_token: int, dim: int = 512, depth: int = 8, heads: int = 16,
-                 num_prefix_tokens: int = 1, max_channels: Optional[int] = None):
+    def __init__(
+        self,
+        encoder_dim: int,
+        pixels_per_token: int,
+        dim: int = 512,
+        depth: int = 8,
+        heads: int = 16,
+        num_prefix_tokens: int = 1,
+        max_channels: Optional[int] = None,
+    ):
         super().__init__()
         self.dim, self.num_prefix_tokens = dim, num_prefix_tokens
         self.embed = nn.Linear(encoder_dim, dim)
@@ -65,8 +73,9 @@ class MAEDecoder(nn.Module):
         # CA-ViT: tokens of different channels share a grid position, so the decoder needs to know the channel too
         self.channel_embed = nn.Parameter(torch.zeros(max_channels, dim)) if max_channels else None
         norm = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
-                                      for _ in range(depth)])
+        self.blocks = nn.Sequential(
+            *[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
+        )
         self.norm = norm(dim)
         self.pred = nn.Linear(dim, pixels_per_token)
         trunc_normal_(self.mask_token, std=0.02)
@@ -84,23 +93,36 @@ class MAEDecoder(nn.Module):
         chan = self.channel_embed[:channels].to(dtype)
         return (pos[None] + chan[:, None]).reshape(channels * pos.shape[0], self.dim)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int], channels: int,
-                grad_checkpointing: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        latent: torch.Tensor,
+        ids_restore: torch.Tensor,
+        grid: tuple[int, int],
+        channels: int,
+        grad_checkpointing: bool = False,
+    ) -> torch.Tensor:
         x = self.embed(latent)
-        prefix, visible = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        prefix, visible = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
         B, L = ids_restore.shape
         tokens = torch.cat([visible, self.mask_token.to(x.dtype).expand(B, L - visible.shape[1], -1)], dim=1)
         tokens = tokens.gather(1, ids_restore[..., None].expand(-1, -1, self.dim))  # back to token order
         tokens = tokens + self.positions(grid, channels, x.device, x.dtype)
         x = run_blocks(self.blocks, torch.cat([prefix, tokens], dim=1), grad_checkpointing)
-        return self.pred(self.norm(x))[:, self.num_prefix_tokens:]
+        return self.pred(self.norm(x))[:, self.num_prefix_tokens :]
 
 
 class MaskedAutoencoder(nn.Module):
     """Encoder (timm ViT or CA-ViT, built elsewhere) + :class:`MAEDecoder`."""
 
-    def __init__(self, encoder: nn.Module, in_chans: int, decoder_dim: int = 512, decoder_depth: int = 8,
-                 decoder_heads: int = 16, grad_checkpointing: bool = False):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        in_chans: int,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        grad_checkpointing: bool = False,
+    ):
         super().__init__()
         self.encoder, self.in_chans, self.grad_checkpointing = encoder, in_chans, grad_checkpointing
         self.patch_size = patch_size_of(encoder)
@@ -110,8 +132,14 @@ class MaskedAutoencoder(nn.Module):
             fix_pos_embed_to_sincos(encoder)
         p = self.patch_size
         self.decoder = MAEDecoder(
-            encoder.embed_dim, p * p if self.channel_agnostic else p * p * in_chans, decoder_dim, decoder_depth,
-            decoder_heads, self.num_prefix_tokens, encoder.max_channels if self.channel_agnostic else None)
+            encoder.embed_dim,
+            p * p if self.channel_agnostic else p * p * in_chans,
+            decoder_dim,
+            decoder_depth,
+            decoder_heads,
+            self.num_prefix_tokens,
+            encoder.max_channels if self.channel_agnostic else None,
+        )
 
     # -- pixels <-> tokens ----------------------------------------------------------------------
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
@@ -119,8 +147,10 @@ class MaskedAutoencoder(nn.Module):
         B, C, H, W = images.shape
         p = self.patch_size
         if H % p or W % p:
-            raise CellrepError(f"MAE input {H}×{W} is not divisible by the patch size {p}",
-                               fix="use a data.crop_size that is a multiple of the patch size")
+            raise CellrepError(
+                f"MAE input {H}×{W} is not divisible by the patch size {p}",
+                fix="use a data.crop_size that is a multiple of the patch size",
+            )
         x = images.reshape(B, C, H // p, p, W // p, p)
         if self.channel_agnostic:  # token (c, i, j) holds channel c of patch (i, j)
             return x.permute(0, 1, 2, 4, 3, 5).reshape(B, C * (H // p) * (W // p), p * p)
@@ -144,7 +174,7 @@ class MaskedAutoencoder(nn.Module):
     def encode(self, images: torch.Tensor, mask_ratio: float, generator: Optional[torch.Generator] = None):
         """Encode a random ``1 - mask_ratio`` of the tokens; returns (latent, ids_restore, mask)."""
         tokens = self.embed(images)
-        prefix, patches = tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
+        prefix, patches = tokens[:, : self.num_prefix_tokens], tokens[:, self.num_prefix_tokens :]
         B, L, D = patches.shape
         keep = max(1, int(round(L * (1 - mask_ratio))))
         ids_keep, ids_restore = random_masking(L, keep, B, images.device, generator)
@@ -154,8 +184,9 @@ class MaskedAutoencoder(nn.Module):
         mask[:, :keep] = 0
         return self.encoder.norm(x), ids_restore, mask.gather(1, ids_restore)
 
-    def forward(self, images: torch.Tensor, mask_ratio: float = 0.75,
-                generator: Optional[torch.Generator] = None) -> MAEOutput:
+    def forward(
+        self, images: torch.Tensor, mask_ratio: float = 0.75, generator: Optional[torch.Generator] = None
+    ) -> MAEOutput:
         latent, ids_restore, mask = self.encode(images, mask_ratio, generator)
         _, C, H, W = images.shape
         grid = (H // self.patch_size, W // self.patch_size)

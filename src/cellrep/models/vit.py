@@ -17,6 +17,8 @@ The ``_256`` says the default input size (the papers' crop); ``img_size`` overri
 from __future__ import annotations
 
 import cellrep  # noqa: F401  (torchvision compat before timm)
+
+# isort: split
 import torch
 import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
@@ -29,21 +31,34 @@ from cellrep.errors import CellrepError
 
 def _untrained_cfg(**kwargs) -> dict:
     # No hub weights: microscopy encoders come from cellrep checkpoints (task.init_from).
-    return {"url": "", "num_classes": 0, "input_size": (6, 256, 256), "fixed_input_size": True,
-            "first_conv": "patch_embed.proj", "classifier": "head", "mean": (0.0,), "std": (1.0,), **kwargs}
+    return {
+        "url": "",
+        "num_classes": 0,
+        "input_size": (6, 256, 256),
+        "fixed_input_size": True,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "mean": (0.0,),
+        "std": (1.0,),
+        **kwargs,
+    }
 
 
 # timm reads ``default_cfgs`` of the module that registers a model; it must exist before the decorators run.
-default_cfgs = generate_default_cfgs({
-    "vit_large_patch8_256": _untrained_cfg(),
-    "vit_gigantic_patch8_256": _untrained_cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_large_patch8_256": _untrained_cfg(),
+        "vit_gigantic_patch8_256": _untrained_cfg(),
+    }
+)
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> VisionTransformer:
     if pretrained:
-        raise CellrepError(f"{variant} has no published weights in timm",
-                           fix="pretrain it with task=mae, then fine-tune with task.init_from=<checkpoint>")
+        raise CellrepError(
+            f"{variant} has no published weights in timm",
+            fix="pretrain it with task=mae, then fine-tune with task.init_from=<checkpoint>",
+        )
     return build_model_with_cfg(VisionTransformer, variant, pretrained=False, **kwargs)
 
 
@@ -69,8 +84,10 @@ def sincos_pos_embed(grid: tuple[int, int], dim: int, device=None, dtype=torch.f
     (He et al. 2022 use the same fixed embedding).
     """
     if dim % 4:
-        raise CellrepError(f"embedding width {dim} is not divisible by 4, as a 2-D sin-cos position embedding needs",
-                           fix="use an embed_dim / decoder_dim that is a multiple of 4")
+        raise CellrepError(
+            f"embedding width {dim} is not divisible by 4, as a 2-D sin-cos position embedding needs",
+            fix="use an embed_dim / decoder_dim that is a multiple of 4",
+        )
     return build_sincos2d_pos_embed(list(grid), dim=dim, device=device, dtype=dtype)
 
 
@@ -83,8 +100,10 @@ def fix_pos_embed_to_sincos(vit: VisionTransformer) -> None:
     """
     pos = vit.pos_embed
     if pos is None or vit.dynamic_img_size:
-        raise CellrepError("MAE needs a ViT with a fixed-size absolute position embedding",
-                           fix="use a model/ config of the ViT ladder (vit_s16 ... vit_g8) or a ca_vit_* model")
+        raise CellrepError(
+            "MAE needs a ViT with a fixed-size absolute position embedding",
+            fix="use a model/ config of the ViT ladder (vit_s16 ... vit_g8) or a ca_vit_* model",
+        )
     grid = tuple(vit.patch_embed.grid_size)
     prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
     with torch.no_grad():
@@ -105,6 +124,8 @@ def patch_size_of(model: nn.Module) -> int:
             raise CellrepError(f"non-square patches {tuple(size)} are not supported", fix="use square patches")
         size = size[0]
     if not isinstance(size, int):
-        raise CellrepError(f"{type(model).__name__} is not a patch-based ViT",
-                           fix="MAE needs a ViT: model=vit_s16, vit_b16, vit_l16, vit_l8, vit_g8 or ca_vit_*")
+        raise CellrepError(
+            f"{type(model).__name__} is not a patch-based ViT",
+            fix="MAE needs a ViT: model=vit_s16, vit_b16, vit_l16, vit_l8, vit_g8 or ca_vit_*",
+        )
     return size

@@ -1,1 +1,0 @@
-"""Lightning callbacks of cellrep (reconstruction images for MAE runs)."""

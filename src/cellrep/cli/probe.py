@@ -1,0 +1,95 @@
+"""cellrep-probe: linear probes on every block of a trained backbone, from one backbone pass.
+
+    cellrep-probe ckpt_path=outputs/supervised/<date>/<run>/checkpoints/best.ckpt
+
+Reads the run's data and split (``<run>/config.yaml``), records the pooled
+feature of every block (every stage of a CNN) in ONE pass over all sites,
+trains a BatchNorm + linear probe per block and learning rate on the training
+experiments, picks each block's learning rate on validation and scores the
+held-out experiments (DESIGN §5). Writes ``probe.csv``, ``probe.json``,
+``probe.png`` and ``metrics.json``; prints the table and the best block and
+logs them to the configured loggers.
+"""
+
+from __future__ import annotations
+
+import cellrep  # noqa: F401  (torchvision compat before timm)
+
+# isort: split
+import logging
+import time
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from cellrep.cli.common import exit_on_user_error, register_resolvers
+from cellrep.cli.rundir import RunDir
+from cellrep.config import register_configs
+from cellrep.errors import CellrepError
+from cellrep.eval.pipeline import prepare, probe_all_blocks, probe_settings
+from cellrep.eval.report import probe_lines
+from cellrep.eval.runtime import log_to_loggers, probe_summary, save_probe_outputs, validate_config
+
+log = logging.getLogger("cellrep.cli.probe")
+register_configs()
+register_resolvers()
+
+
+def probe(cfg: DictConfig) -> dict[str, Any]:
+    validate_config(cfg)
+    if not cfg.ckpt_path:
+        raise CellrepError("ckpt_path is not set", fix="pass ckpt_path=<run>/checkpoints/best.ckpt")
+    torch.manual_seed(cfg.seed)
+    run = RunDir(cfg.paths.output_dir)
+    run.write_provenance(cfg)
+
+    prep = prepare(cfg)
+    cfg.model = {"name": prep.model["name"]}  # logger names refer to ${model.name}
+    start = time.perf_counter()
+    feats, sites, result = probe_all_blocks(prep, probe_settings(cfg), progress=cfg.progress)
+    seconds = time.perf_counter() - start
+    outputs = save_probe_outputs(run.path, result)
+
+    summary = probe_summary(result)
+    metrics: dict[str, Any] = {
+        "probe": summary,
+        "model": prep.model["name"],
+        "ckpt_path": str(cfg.ckpt_path),
+        "num_blocks": len(result.table),
+        "num_sites": int(len(sites)),
+        "num_classes": prep.datamodule.num_classes,
+        "split_counts": prep.datamodule.split_counts,
+        "data_config_from": prep.data_source,
+        "seconds": round(seconds, 2),
+        "run_dir": str(run.path),
+        "files": {k: str(v) for k, v in outputs.items()},
+    }
+    flat = {f"probe/test_acc/{b}": v for b, v in summary["test_acc"].items()}
+    flat.update({f"probe/val_acc/{b}": v for b, v in summary["val_acc"].items()})
+    flat.update(
+        {"probe/best_block_index": summary["best_block_index"], "probe/best_test_acc": summary["best_test_acc"]}
+    )
+    log_to_loggers(
+        cfg, flat, {"best_block": result.best_block, "ckpt_path": str(cfg.ckpt_path), "model": prep.model["name"]}
+    )
+    run.write_metrics(metrics)
+
+    print("\n".join(probe_lines(result.table, result.best_block, result.selected_on)))
+    print(
+        f"best block: {result.best_block} (index {summary['best_block_index']}), held-out top-1 "
+        f"{summary['best_test_acc']:.3f} (chance {summary['chance']:.3f}); {len(result.table)} blocks from one "
+        f"backbone pass over {len(sites)} sites in {seconds:.1f}s"
+    )
+    print(f"  outputs: {run.path}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="probe")
+def main(cfg: DictConfig) -> None:
+    exit_on_user_error(probe, cfg)
+
+
+if __name__ == "__main__":
+    main()

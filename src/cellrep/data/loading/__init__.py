@@ -1,0 +1,1 @@
+"""From shards to batches: the split, the streams, the shared-memory hand-off, normalization."""

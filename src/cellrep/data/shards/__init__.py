@@ -1,0 +1,1 @@
+"""Packing a source into WebDataset shards once: the writer, per-plate statistics, bad-input report."""

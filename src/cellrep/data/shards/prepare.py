@@ -1,0 +1,167 @@
+"""From a ``data`` config to ready shards: read the source, shard it once, reuse after.
+
+Several processes may ask for the same data at once (sweep points of a Hydra
+multirun, DDP ranks, two users of one cache). Generating and sharding then
+run under an inter-process lock (``fcntl.flock`` on a lock file beside the
+cache; DESIGN §7: a multirun is one job per sweep point, and they share the
+data cache): the first process does the work, the others wait and then find
+the cache complete and reuse it. The
+kernel releases the lock when its holder exits, so a killed run leaves no
+stale lock behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from cellrep.data.sources.base import ImageSource
+from cellrep.errors import CellrepError
+
+log = logging.getLogger(__name__)
+_HELD: dict[str, list[int]] = {}  # lock file -> [fd, depth]: re-entrant within one process
+
+
+@contextmanager
+def cache_lock(path: Path, what: str, progress: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed, never deleted) across processes.
+
+    Blocks while another process holds it, saying so once. Re-entrant within a
+    process (``ensure_shards`` takes the screen's lock, then ``build_source`` again).
+    """
+    path = Path(path).expanduser().absolute()
+    key = str(path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            msg = f"waiting for another process preparing {what} (lock {path})"
+            if progress:
+                print(msg, flush=True)
+            else:
+                log.info(msg)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _HELD[key] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
+def _synthetic_spec(data_cfg: DictConfig):
+    from cellrep.data.sources.synthetic import SyntheticScreenSpec
+
+    spec_fields = OmegaConf.to_container(data_cfg.synthetic, resolve=True)
+    return SyntheticScreenSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_fields.items()})
+
+
+def _source_name(data_cfg: DictConfig) -> str:
+    return str(getattr(data_cfg.source, "name", data_cfg.source))
+
+
+def screen_lock_path(data_cfg: DictConfig) -> Path:
+    """``<root>/.<fingerprint>.lock``, beside the synthetic screen's cache ``<root>/<fingerprint>``."""
+    from cellrep.data.sources.synthetic import spec_fingerprint
+
+    return Path(data_cfg.root).expanduser() / f".{spec_fingerprint(_synthetic_spec(data_cfg))}.lock"
+
+
+def shards_lock_path(shards_dir: Path) -> Path:
+    """``<parent>/.<name>.lock`` beside a shards directory."""
+    return Path(shards_dir).parent / f".{Path(shards_dir).name}.lock"
+
+
+def _expected_channels(data_cfg: DictConfig) -> list[str] | None:
+    if data_cfg.channel_names is not None:
+        return list(data_cfg.channel_names)
+    if data_cfg.get("synthetic") is not None:
+        return list(data_cfg.synthetic.channel_names)
+    return None
+
+
+def build_source(data_cfg: DictConfig, progress: bool = True) -> tuple[ImageSource, Path]:
+    """The source reader and the shards directory it belongs to."""
+    source_name = getattr(data_cfg.source, "name", data_cfg.source)
+    channels = _expected_channels(data_cfg)
+    expected = len(channels) if channels else None
+    if data_cfg.root is None:
+        raise CellrepError(f"data.root is not set for data={source_name}", fix="set data.root=/path/to/dataset")
+    root = Path(data_cfg.root).expanduser()
+    if source_name == "synthetic":
+        from cellrep.data.sources.rxrx1 import RxRx1Source
+        from cellrep.data.sources.synthetic import ensure_screen
+
+        spec = _synthetic_spec(data_cfg)
+        with cache_lock(screen_lock_path(data_cfg), f"the synthetic screen under {root}", progress):
+            screen_dir = ensure_screen(spec, root, progress=progress)
+        source = RxRx1Source(screen_dir, channel_names=tuple(spec.channel_names), expected_channels=expected)
+        default_shards = screen_dir / "shards"
+    elif source_name == "rxrx1":
+        from cellrep.data.sources.rxrx1 import RxRx1Source
+
+        if not root.is_dir():
+            raise CellrepError(
+                f"data root {root} does not exist",
+                fix="point data.root at the RxRx1 folder that holds metadata.csv and images/",
+            )
+        kwargs = {"channel_names": tuple(channels)} if channels else {}
+        source = RxRx1Source(root, expected_channels=expected, **kwargs)
+        default_shards = root / "shards"
+    elif source_name == "rxrx3_core":
+        from cellrep.data.sources.rxrx3_core import RxRx3CoreSource
+
+        kwargs = {"channel_names": tuple(channels)} if channels else {}
+        source = RxRx3CoreSource(root, expected_channels=expected, metadata=data_cfg.get("metadata"), **kwargs)
+        default_shards = root / "shards"
+    elif source_name == "tiff":
+        from cellrep.data.sources.tiff_plates import TiffPlateSource
+
+        source = TiffPlateSource.from_config(root, data_cfg, progress=progress)
+        default_shards = root / "shards"
+    else:  # the config schema's enum makes this unreachable from the CLI
+        raise CellrepError(
+            f"unknown data source '{source_name}'", fix="use data=synthetic, data=rxrx1, data=rxrx3_core or data=tiff"
+        )
+    shards_dir = Path(data_cfg.shards_dir).expanduser() if data_cfg.shards_dir else default_shards
+    return source, shards_dir
+
+
+def ensure_shards(data_cfg: DictConfig, progress: bool = True) -> Path:
+    """Shard the configured dataset unless identical shards exist; return their directory.
+
+    A second process asking for the same data meanwhile waits, then reuses it: the synthetic
+    screen is generated and sharded under its screen's lock, and any source is sharded under
+    the lock of its shards directory (always taken in that order, so two never deadlock).
+    Real sources are opened (and checked) before locking: a wrong data.root creates nothing."""
+    from cellrep.data.shards.writer import write_shards
+
+    synthetic = _source_name(data_cfg) == "synthetic" and data_cfg.root is not None
+    with cache_lock(screen_lock_path(data_cfg), "the synthetic screen", progress) if synthetic else nullcontext():
+        source, shards_dir = build_source(data_cfg, progress=progress)
+        with cache_lock(shards_lock_path(shards_dir), f"the shards at {shards_dir}", progress):
+            write_shards(
+                source,
+                shards_dir,
+                samples_per_shard=data_cfg.samples_per_shard,
+                num_workers=data_cfg.shard_workers,
+                progress=progress,
+                max_bad_fraction=data_cfg.get("max_bad_fraction", 0.01),
+            )
+    return shards_dir

@@ -1,1 +1,0 @@
-"""Tasks: LightningModules that train a backbone (supervised, later MAE)."""

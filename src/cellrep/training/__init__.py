@@ -1,0 +1,1 @@
+"""Lightning machinery: tasks (LightningModules), callbacks, optimizer, strategy, the few-shot protocol."""

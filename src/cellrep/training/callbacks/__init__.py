@@ -1,0 +1,1 @@
+"""Lightning callbacks of cellrep: atomic checkpoints, throughput and size, MAE reconstruction images."""

@@ -1,0 +1,1 @@
+"""Tasks: the LightningModules that train a backbone (supervised classification, MAE pretraining)."""

@@ -1,0 +1,85 @@
+"""The de novo protocol end to end (tiny), and the bad inputs that must stop it with a clear message."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cellrep.cli.train import build_datamodule, train
+from cellrep.errors import CellrepError
+from cellrep.training.fewshot import phase_rows
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Two cell types, two experiments each, one site per well: every gene has 2 sites in U2OS.
+TINY = (
+    "experiment=kg_fewshot",
+    "logger=csv",
+    "data.synthetic.cell_types=[HUVEC,U2OS]",
+    "data.synthetic.experiments_per_cell_type=2",
+    "data.synthetic.sites_per_well=1",
+    "data.synthetic.image_size=32",
+    "data.synthetic.num_compounds=0",
+    "data.batch_size=32",
+    "trainer.max_epochs=1",
+    "task.finetune_epochs=1",
+    "callbacks=none",
+)
+
+
+def test_protocol_trains_fine_tunes_and_reports_top_1_5_10(make_cfg, tmp_path):
+    cfg = make_cfg(*TINY, "split.shots=1")
+    train(cfg)
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("test/acc", "test/acc_top5", "test/acc_top10", "zeroshot/acc", "zeroshot/acc_top10"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["test/acc"] <= metrics["test/acc_top5"] <= metrics["test/acc_top10"]
+    assert metrics["shot_sites"] == metrics["num_classes"] == 25  # one site per perturbation (24 genes + control)
+    assert metrics["graph_perturbations_absent"] == 1 and metrics["graph_absent"] == ["EMPTY_control"]
+    assert metrics["test_description"] == "held-out cell type U2OS"
+    assert (run / "checkpoints" / "finetuned.ckpt").is_file() and (run / "context.csv").is_file()
+
+
+def test_phases_split_the_training_rows_by_cell_type(make_cfg):
+    from cellrep.data.shards.prepare import ensure_shards
+
+    cfg = make_cfg(*TINY, "split.shots=1")
+    dm = build_datamodule(cfg, ensure_shards(cfg.data, progress=False))
+    source, shots = phase_rows(dm, "U2OS")
+    index = dm.index
+    assert (index.loc[source, "cell_type"] != "U2OS").all() and (index.loc[shots, "cell_type"] == "U2OS").all()
+    assert (index.loc[np.r_[source, shots], "split"] == "train").all()
+    assert index.loc[shots].groupby("perturbation").size().eq(1).all()
+    assert not set(index.index[index["split"] == "test"]) & set(shots)
+
+
+def test_more_shots_than_sites_is_a_clear_error(make_cfg):
+    with pytest.raises(CellrepError, match=r"(?s)shots=2.*has only 2 site\(s\).*lower split.shots below 2"):
+        train(make_cfg(*TINY, "split.shots=2"))
+
+
+def test_fine_tuning_without_held_out_shots_is_refused_before_data(make_cfg, tmp_path):
+    with pytest.raises(CellrepError, match="split=batch with shots=1"):
+        train(make_cfg(*TINY, "split=batch", f"paths.data_dir={tmp_path}/nodata"))
+    assert not (tmp_path / "nodata").exists()
+
+
+def test_graph_file_with_unknown_columns_is_a_clear_error(make_cfg, tmp_path):
+    bad = tmp_path / "graph.tsv"
+    bad.write_text("gene_a\tgene_b\nTP53\tMDM2\n")
+    with pytest.raises(CellrepError, match="(?s)gene_a.*protein1 protein2 combined_score"):
+        train(make_cfg(*TINY, "split.shots=1", f"task.graph_path={bad}"))
+
+
+def test_cell_type_missing_from_the_context_file_is_named(make_cfg, tmp_path):
+    ctx = tmp_path / "ctx.csv"
+    ctx.write_text("cell_type,e0\nHUVEC,1.0\n")
+    with pytest.raises(CellrepError, match=r"(?s)\['U2OS'\] have no context vector in .*ctx\.csv"):
+        train(make_cfg(*TINY, "split.shots=1", f"model.context_path={ctx}"))
+
+
+def test_unknown_graph_loss_fails_at_config_time(make_cfg, tmp_path):
+    with pytest.raises(CellrepError, match="unknown task.graph_loss 'gcn'"):
+        train(make_cfg(*TINY, "task.graph_loss=gcn", f"paths.data_dir={tmp_path}/nodata"))
