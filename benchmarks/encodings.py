@@ -23,6 +23,9 @@ import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cellrep  # noqa: F401, E402  (torchvision compat before lightning/timm)
+
+# isort: split
 import numpy as np  # noqa: E402
 from _common import machine, median, site_image, table  # noqa: E402
 from PIL import Image  # noqa: E402

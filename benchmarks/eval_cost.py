@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cellrep  # noqa: F401, E402  (torchvision compat before lightning/timm)
+
+# isort: split
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from _common import machine, median, table  # noqa: E402

@@ -1,6 +1,6 @@
 """GPU training throughput: images/s and model-FLOPs utilization (MFU), bf16, eager vs torch.compile.
 
-Cases (DESIGN §7): MAE ViT-L/8 at 256 px (6 channels, mask 0.75, 8×512 decoder,
+Cases (docs/PERFORMANCE.md): MAE ViT-L/8 at 256 px (6 channels, mask 0.75, 8×512 decoder,
 the ``experiment=mae_vit_l8`` model) and the supervised ResNet50 at 256 px
 (channels_last). One training step = forward + loss + backward + AdamW step
 under bf16 autocast with fp32 weights (what ``precision=bf16-mixed`` runs);

@@ -1,6 +1,6 @@
 """Loader throughput: the cellrep shard loader vs a per-file PNG loader vs the decode ceiling.
 
-DESIGN §7 / issue 7 bar: samples/s of the shard loader (6×512×512 sites →
+docs/PERFORMANCE.md / issue 7 bar: samples/s of the shard loader (6×512×512 sites →
 random 256 crop/flip/rot90 → plate-normalized float32 batches) ≥ 10× a
 per-file PNG loader of the same sites in the RxRx1 layout (the way users load
 RxRx1 today), and ≥ 70% of the raw decode ceiling of the shard encoding
@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cellrep  # noqa: F401, E402  (torchvision compat before lightning/timm)
+
+# isort: split
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import machine, make_rxrx1, median, rate, shard, table  # noqa: E402

@@ -1,6 +1,6 @@
 """Framework overhead: a training step through Trainer + LightningModule vs a bare PyTorch loop.
 
-DESIGN §7 bar: ≤ 5% more time per step. Both sides run the same model
+docs/PERFORMANCE.md bar: ≤ 5% more time per step. Both sides run the same model
 (``SupervisedTask``'s backbone, default CPU config: resnet18, 6 channels),
 the same in-memory batches, fp32, the same AdamW + per-step LR schedule
 (``configure_optimizers``), forward → cross-entropy → backward → step →
@@ -26,6 +26,9 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cellrep  # noqa: F401, E402  (torchvision compat before lightning/timm)
+
+# isort: split
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -1,4 +1,4 @@
-"""Zero-shot DTI (DESIGN §5) end to end on the RxRx3-core layout, with a planted answer.
+"""Zero-shot DTI (docs/benchmarks.md) end to end on the RxRx3-core layout, with a planted answer.
 
 A tiny RxRx3-core download is written in the real HuggingFace format (parquet
 shards of ``__key__`` + one 8-bit JPEG 2000 per channel row, and
@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # the RxRx3-core fixture writer
-from test_rxrx3_core import write_rxrx3_core  # noqa: E402
+from real_formats.rxrx3_core import write_rxrx3_core
 
 from cellrep.cli.evaluate import evaluate  # noqa: E402
 from cellrep.data.shards.prepare import ensure_shards  # noqa: E402

@@ -10,7 +10,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from test_rxrx1 import pixels, write_rxrx1  # tests/data is on sys.path (pytest's default import mode)
+from real_formats.rxrx1 import pixels, write_rxrx1
 
 from cellrep.data.shards.writer import load_manifest, read_index, write_shards
 from cellrep.data.sources.base import UnreadableSite
