@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # CPU installs pin torch so pip never pulls a CUDA build.
 INSTALL := $(PIP) install -q -c constraints-cpu.txt
 
-.PHONY: install demo test bench
+.PHONY: install demo lint format test bench
 
 install:
 	$(INSTALL) torch==2.13.0
@@ -15,10 +15,21 @@ install:
 demo: install
 	cellrep-train -m split=batch,random
 
-test: install
+# ruff (lint + format, pyproject [tool.ruff]) and the layer rules (pyproject [tool.importlinter],
+# docs/architecture.md); `make format` applies ruff's fixes.
+lint:
+	ruff check .
+	ruff format --check .
+	lint-imports
+
+format:
+	ruff check --fix .
+	ruff format .
+
+test: install lint
 	$(PYTHON) -m pytest -q
 
-# CPU benchmarks (DESIGN §7, issue 7): prints the tables of docs/PERFORMANCE.md. Target: < 10 min on an
+# CPU benchmarks (docs/PERFORMANCE.md, issue 7): prints the tables of docs/PERFORMANCE.md. Target: < 10 min on an
 # idle 2-core machine; measured 5.6 min at load 3-6 on 2 shared cores (4 min CPU time), per-script
 # times in docs/PERFORMANCE.md. Add QUICK=--quick for a ~1 min smoke run.
 # The GPU script is separate: benchmarks/gpu_throughput.py.

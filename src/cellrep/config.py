@@ -1,17 +1,21 @@
-"""Structured-config schemas: a bad override fails when the config is composed.
+"""Structured-config schemas: a bad override fails when the config is composed, or at the latest in
+:func:`to_schema`, before any data is touched.
 
 Each config group (``data/``, ``split/``, ``model/``, ``task/``, ``trainer/``,
-``paths/``) has a dataclass registered in Hydra's ConfigStore as
-``<group>/schema_<name>``; the group's YAML files list it first in their
-defaults. Unknown keys and wrong types then fail at compose time. Checks that
-need code (is the model name known to timm?) live in ``__post_init__`` and run
-in :func:`to_schema`, before any data is touched.
+``paths/``, ``benchmarks/``) has a dataclass registered in Hydra's ConfigStore
+as the top-level config ``schema_<name>``, outside the groups so that
+``--help`` does not offer it as an option; the group's YAML files list it first
+in their defaults (``- /schema_model@_here_``). Unknown keys and wrong types
+then fail at compose time. Every default is defined once, here: a YAML file
+sets only what differs from it. Checks that need code (is the model name known
+to timm? is the value one of the allowed ones?) live in ``__post_init__`` and
+run in :func:`to_schema`; the allowed values come from the module that uses
+them (``NORMALIZATIONS``, ``SPLITS``, ``SOURCES``, ...).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -20,11 +24,15 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from cellrep.data.schema import RXRX1_CHANNELS
 from cellrep.errors import CellrepError
 
-Normalization = Enum("Normalization", ["plate_controls", "self", "global"])
-SplitName = Enum("SplitName", ["batch", "random", "cell_type", "official"])
-SourceName = Enum("SourceName", ["synthetic", "rxrx1", "rxrx3_core", "tiff"])
-BitDepthRule = Enum("BitDepthRule", ["percentile", "max", "shift"])
-TiffLayout = Enum("TiffLayout", ["auto", "per_channel", "multipage", "load_data"])
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise CellrepError(f"unknown {key} '{value}'", fix=f"set {key} to one of {list(allowed)}")
+
+
+def _at_least(key: str, value: float, least: float) -> None:
+    if value < least:
+        raise CellrepError(f"{key}={value} is below {least}", fix=f"use {key} >= {least}")
 
 
 @dataclass
@@ -58,7 +66,7 @@ class PlateMapConfig:
 class TiffConfig:
     """Options of data=tiff (and data=jump_load_data); see cellrep.data.sources.tiff_plates."""
 
-    layout: TiffLayout = TiffLayout.auto  # auto: load_data if FileName_Orig* columns, else from data.pattern
+    layout: str = "auto"  # auto: load_data if FileName_Orig* columns, else from data.pattern (see LAYOUTS)
     constants: dict[str, Any] = field(default_factory=dict)  # canonical column -> value for every row
     negative_controls: list[str] = field(default_factory=list)  # perturbation names of negative-control wells
     plate_maps: list[PlateMapConfig] = field(default_factory=list)  # left-joined onto the metadata in order
@@ -69,6 +77,9 @@ class TiffConfig:
     shift: int = 8  # shift rule: value >> shift
 
     def __post_init__(self) -> None:
+        from cellrep.data.sources.tiff_plates import LAYOUTS
+
+        _one_of("data.tiff.layout", self.layout, LAYOUTS)
         lo, hi = (list(self.percentile) + [None, None])[:2]
         if len(self.percentile) != 2 or not 0.0 <= lo < hi <= 100.0:
             raise CellrepError(
@@ -85,31 +96,43 @@ class TiffConfig:
 
 @dataclass
 class DataConfig:
-    source: SourceName = MISSING
+    source: str = MISSING  # one of cellrep.data.shards.prepare.SOURCES
     root: Optional[str] = None  # the dataset in its own format (synthetic: generated here)
     shards_dir: Optional[str] = None  # null: next to the source (synthetic: <root>/<fingerprint>/shards)
     channel_names: Optional[list[str]] = None  # expected channels; null = whatever the source has
     samples_per_shard: int = 256
     shard_workers: int = 0
-    normalization: Normalization = Normalization.plate_controls
+    normalization: str = "plate_controls"  # one of cellrep.data.loading.transforms.NORMALIZATIONS
     crop_size: int = 48
-    batch_size: int = 64
-    num_workers: int = 2
+    batch_size: int = 64  # per device
+    num_workers: int = 2  # loader worker processes; 0: load in the main process
     label_column: str = "perturbation"
     synthetic: Optional[SyntheticScreenConfig] = None
     # real-dataset readers (data=rxrx3_core, data=tiff): cellrep.data.sources.rxrx3_core, cellrep.data.sources.tiff_plates
     metadata: Optional[str] = None  # metadata table relative to root; null: the dataset's standard name
     pattern: Optional[str] = None  # tiff: image path template, e.g. {plate}/{well}_s{site}_w{channel_index}.tif
     columns: dict[str, str] = field(default_factory=dict)  # tiff: canonical column -> metadata column
-    bit_depth_rule: BitDepthRule = BitDepthRule.percentile  # tiff: 16->8 bit rule, recorded in the manifest
+    bit_depth_rule: str = "percentile"  # tiff: 16->8 bit rule (percentile | max | shift), recorded in the manifest
     max_bad_fraction: float = 0.01  # sharding fails when more of the input is bad (cellrep.data.shards.writer)
-    max_corrupt: int = 100  # training stops after more corrupt shard members were skipped (DESIGN §7)
+    # training stops after more corrupt shard members were skipped (docs/architecture.md, "Bad input")
+    max_corrupt: int = 100
     # flips/rot90 of training crops: on the device with normalization (null: when CUDA is available),
     # or in the loader workers (false: CPU-only training keeps them in parallel processes)
     augment_on_device: Optional[bool] = None
     tiff: Optional[TiffConfig] = None
 
     def __post_init__(self) -> None:
+        from cellrep.data.loading.transforms import check_normalization
+        from cellrep.data.shards.prepare import SOURCES
+        from cellrep.data.sources.tiff_pixels import RULES
+
+        _one_of("data.source", self.source, SOURCES)
+        check_normalization(self.normalization)
+        _one_of("data.bit_depth_rule", self.bit_depth_rule, RULES)
+        # each of these fails later anyway, but only after the screen was generated and sharded
+        for key in ("batch_size", "crop_size", "samples_per_shard"):
+            _at_least(f"data.{key}", getattr(self, key), 1)
+        _at_least("data.num_workers", self.num_workers, 0)
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise CellrepError(
                 f"data.max_bad_fraction={self.max_bad_fraction} is not a fraction",
@@ -124,21 +147,18 @@ class DataConfig:
 
 @dataclass
 class SplitConfig:
-    name: SplitName = MISSING
-    test_fraction: float = 0.21  # 9 of 42 experiments in the RxRx1 paper
+    name: str = MISSING  # one of cellrep.data.loading.splits.SPLITS
+    # batch: held-out experiments per cell type (9 of 42 in the RxRx1 paper); random: sites of every experiment
+    test_fraction: float = 0.21
     val_fraction: float = 0.1
     holdout: Optional[str] = None  # cell_type split: the held-out cell type
     shots: int = 0  # cell_type split: sites per perturbation of the held-out type put in train
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.test_fraction < 1.0 or not 0.0 <= self.val_fraction < 1.0:
-            raise CellrepError(
-                f"split fractions out of range (test_fraction={self.test_fraction}, val_fraction={self.val_fraction})",
-                fix="use 0 < split.test_fraction < 1 and 0 <= split.val_fraction < 1",
-            )
-        if self.name == SplitName.cell_type and not self.holdout:
-            raise CellrepError("split=cell_type needs a held-out cell type", fix="add split.holdout=<cell type>")
+        from cellrep.data.loading.splits import check_split
+
+        check_split(self.name, self.test_fraction, self.val_fraction, self.holdout, self.shots)
 
 
 @dataclass
@@ -155,6 +175,10 @@ class ModelConfig:
         from cellrep.models.backbone import check_model_name
 
         check_model_name(self.name)
+        if self.img_size is not None:
+            _at_least("model.img_size", self.img_size, 1)
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise CellrepError(f"model.drop_path_rate={self.drop_path_rate} is not in [0, 1)", fix="e.g. 0.1")
 
 
 @dataclass
@@ -163,6 +187,11 @@ class OptimizerConfig:
     base_lr: float = 1e-3  # learning rate at a global batch of 256; scaled linearly
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def __post_init__(self) -> None:
+        # torch refuses both when the optimizer is built, after the data is ready
+        _at_least("task.optimizer.base_lr", self.base_lr, 0.0)
+        _at_least("task.optimizer.weight_decay", self.weight_decay, 0.0)
 
 
 @dataclass
@@ -173,7 +202,7 @@ class SchedulerConfig:
 
 @dataclass
 class GraphPriorConfig:
-    """Knowledge-graph prior of both tasks (DESIGN §6, cellrep.knowledge.graph_loss): supervised on the pooled
+    """Knowledge-graph prior of both tasks (docs/FEWSHOT.md, cellrep.knowledge.graph_loss): supervised on the pooled
     backbone features, MAE on the pooled encoder features."""
 
     graph_loss: str = "none"  # none | graph_contrastive | laplacian
@@ -190,7 +219,7 @@ class GraphPriorConfig:
         if self.graph_weight < 0 or self.graph_temperature <= 0:
             raise CellrepError(
                 f"task.graph_weight={self.graph_weight} / task.graph_temperature={self.graph_temperature} out of range",
-                fix="use graph_weight >= 0 and graph_temperature > 0 (0.1 in DESIGN §6)",
+                fix="use graph_weight >= 0 and graph_temperature > 0 (0.1 in docs/FEWSHOT.md)",
             )
 
 
@@ -211,6 +240,8 @@ class TaskConfig(GraphPriorConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_init_from(self.init_from)
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise CellrepError(f"task.label_smoothing={self.label_smoothing} is not in [0, 1]", fix="e.g. 0.1")
         if self.finetune_epochs < 0:
             raise CellrepError(
                 f"task.finetune_epochs={self.finetune_epochs} is negative",
@@ -302,7 +333,7 @@ class PathsConfig:
 
 
 # ---------------------------------------------------------------------------
-# Evaluation: cellrep-probe and cellrep-eval (DESIGN §5). Primary configs
+# Evaluation: cellrep-probe and cellrep-eval (docs/benchmarks.md). Primary configs
 # `probe.yaml` / `eval.yaml` use these as their schema; each benchmark in
 # `benchmarks/` has its own node. Groups composed into them (data, split,
 # logger, paths) keep their own schemas above.
@@ -314,13 +345,21 @@ CORRECTIONS = ("none", "pca_centerscale", "tvn")
 
 @dataclass
 class LoaderConfig:
+    """The backbone pass over every site (not the probes' batches)."""
+
     batch_size: int = 64
     num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _at_least("loader.batch_size", self.batch_size, 1)
+        _at_least("loader.num_workers", self.num_workers, 0)
 
 
 @dataclass
 class ProbeTrainingConfig:
-    lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    """The probes' schedule (docs/benchmarks.md); ``cellrep.eval.probe.ProbeSettings`` adds the seed."""
+
+    lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])  # one probe per block and lr
     epochs: int = 30
     batch_size: int = 256
     weight_decay: float = 1e-4
@@ -371,10 +410,10 @@ class ClassificationConfig:
 class ProbeRunConfig:
     """cellrep-probe: ``ckpt_path`` plus probe settings; data/split come from the training run."""
 
-    ckpt_path: Optional[str] = None
+    ckpt_path: Optional[str] = None  # cellrep-probe: required, a checkpoint written by cellrep-train
     use_run_config: bool = True  # take data + split from <run>/config.yaml next to the checkpoint
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # auto: cuda when available
     progress: bool = True
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     probe: ProbeTrainingConfig = field(default_factory=ProbeTrainingConfig)
@@ -390,7 +429,7 @@ class ProbeRunConfig:
 class EvalRunConfig(ProbeRunConfig):
     """cellrep-eval: a checkpoint (``ckpt_path``) or an embeddings parquet (``embeddings``)."""
 
-    embeddings: Optional[str] = None
+    embeddings: Optional[str] = None  # an embeddings parquet (metadata + feature_*) instead of a checkpoint
     metadata: Optional[str] = None  # a separate metadata table for `embeddings`, joined on join_on
     join_on: str = "well_id"
     rename: Any = (
@@ -426,24 +465,27 @@ class EvalRunConfig(ProbeRunConfig):
 
 
 def register_configs() -> None:
+    """Top-level ``schema_<name>`` configs: stored inside a group, Hydra would list them among its options."""
     cs = ConfigStore.instance()
-    cs.store(group="data", name="schema_data", node=DataConfig)
-    cs.store(group="split", name="schema_split", node=SplitConfig)
-    cs.store(group="model", name="schema_model", node=ModelConfig)
-    cs.store(group="task", name="schema_task", node=TaskConfig)
-    cs.store(group="task", name="schema_mae_task", node=MAETaskConfig)
-    cs.store(group="trainer", name="schema_trainer", node=TrainerConfig)
-    cs.store(group="paths", name="schema_paths", node=PathsConfig)
-    # evaluation (see the block above)
-    cs.store(name="schema_probe", node=ProbeRunConfig)
-    cs.store(name="schema_eval", node=EvalRunConfig)
+    for name, node in (
+        ("data", DataConfig),
+        ("split", SplitConfig),
+        ("model", ModelConfig),
+        ("task", TaskConfig),
+        ("mae_task", MAETaskConfig),
+        ("trainer", TrainerConfig),
+        ("paths", PathsConfig),
+        ("probe", ProbeRunConfig),  # primary configs of the evaluation (see the block above)
+        ("eval", EvalRunConfig),
+    ):
+        cs.store(name=f"schema_{name}", node=node)
     for name, node in (
         ("recall", RecallConfig),
         ("consistency", ConsistencyConfig),
         ("dti", DTIConfig),
         ("classification", ClassificationConfig),
     ):
-        cs.store(group="benchmarks", name=f"schema_{name}", node={name: node})
+        cs.store(name=f"schema_{name}", node={name: node})  # benchmarks/<name>.yaml: benchmarks.<name>
 
 
 _SCHEMAS = {
@@ -457,7 +499,7 @@ _SCHEMAS = {
 
 
 def to_schema(cfg: DictConfig) -> dict[str, Any]:
-    """Instantiate every group's dataclass, running its ``__post_init__`` checks."""
+    """Instantiate every group's dataclass, running its ``__post_init__`` checks, then the checks across groups."""
     out = {}
     for group in _SCHEMAS:
         if group in cfg:
@@ -470,4 +512,35 @@ def to_schema(cfg: DictConfig) -> dict[str, Any]:
                     f"config group '{group}' is incomplete: {exc}",
                     fix=f"set the missing value on the command line, e.g. {group}.<key>=...",
                 ) from None
+    if isinstance(out.get("task"), MAETaskConfig) and "model" in out and "data" in out:
+        _check_mae_model(out["model"], out["data"])
     return out
+
+
+def _check_mae_model(model: ModelConfig, data: DataConfig) -> None:
+    """task=mae masks patch tokens: the encoder must be a patch-based ViT whose patches tile the crop.
+
+    Otherwise the MAE fails at its first step, after the screen was generated and sharded. The encoder is
+    built on the meta device (structure only, no memory) and asked what the MAE asks it.
+    """
+    import torch
+
+    from cellrep.models.backbone import build_backbone
+    from cellrep.models.vit import patch_size_of
+
+    try:
+        with torch.device("meta"):
+            encoder = build_backbone(model.name, in_chans=1, img_size=model.img_size, **dict(model.kwargs))
+    except CellrepError:
+        raise
+    except Exception:  # noqa: BLE001 — a model that cannot be built on the meta device: the real build will tell
+        return
+    try:
+        patch = patch_size_of(encoder)
+    except CellrepError as exc:
+        raise CellrepError(f"task=mae cannot use model {model.name}: {exc.problem}", fix=exc.fix) from None
+    if data.crop_size % patch:
+        raise CellrepError(
+            f"task=mae: data.crop_size={data.crop_size} is not a multiple of {model.name}'s patch size {patch}",
+            fix=f"set data.crop_size to a multiple of {patch}",
+        )

@@ -16,7 +16,8 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from cellrep.cli.train import build_datamodule, train
+from cellrep.cli.train import train
+from cellrep.data.loading.datamodule import CellDataModule
 from cellrep.data.shards.prepare import ensure_shards
 from cellrep.errors import CellrepError
 from cellrep.training.callbacks.atomic_checkpoint import AtomicCheckpointIO
@@ -39,7 +40,7 @@ def corrupt_copy(make_cfg, tmp_path):
     """The debug=tiny shards with one shard truncated and one sample garbled in every other shard."""
     cfg = make_cfg("debug=tiny")
     shards = tmp_path / "shards"
-    shutil.copytree(ensure_shards(cfg.data), shards)
+    shutil.copytree(ensure_shards(cfg.data).shards_dir, shards)
     tars = sorted(shards.glob("*.tar"))
     for tar in tars[1:]:  # garble the bytes of the first .npy member, keeping its size (offsets stay valid)
         with tarfile.open(tar) as tf:
@@ -67,7 +68,7 @@ def fit_one_epoch(dm):
 
 def test_truncated_shard_and_garbled_sample_are_skipped_counted_then_an_error(make_cfg, tmp_path, caplog):
     cfg, shards = corrupt_copy(make_cfg, tmp_path)
-    dm = build_datamodule(cfg, shards)
+    dm = CellDataModule.from_config(shards, cfg.data, cfg.split, cfg.seed)
     dm.max_corrupt = 1000
     with caplog.at_level(logging.WARNING, logger="cellrep.data.loading.datamodule"):
         trainer = fit_one_epoch(dm)
@@ -77,7 +78,7 @@ def test_truncated_shard_and_garbled_sample_are_skipped_counted_then_an_error(ma
     assert any("ReadError" in m for m in skipped), skipped  # the truncated shard
     assert any("ValueError" in m for m in skipped), skipped  # a garbled sample
 
-    dm = build_datamodule(cfg, shards)
+    dm = CellDataModule.from_config(shards, cfg.data, cfg.split, cfg.seed)
     dm.max_corrupt = 0  # above the threshold: one clear error naming the fix
     with pytest.raises(CellrepError, match="(?s)unreadable.*cellrep-shard"):
         fit_one_epoch(dm)

@@ -26,8 +26,11 @@ def run_main(monkeypatch, tmp_path: Path, data_dir: Path, *args: str) -> None:
         GlobalHydra.instance().clear()
 
 
-def test_two_point_multirun_writes_exactly_two_run_directories(monkeypatch, tmp_path, shared_data_dir):
+def test_two_point_multirun_writes_exactly_two_run_directories(monkeypatch, tmp_path, shared_data_dir, capsys):
     run_main(monkeypatch, tmp_path, shared_data_dir, "-m", "seed=0,1", *FAST, "logger=wandb")
+    # conf/hydra/default.yaml's MultirunSummary: one row per job when the sweep ends
+    table = capsys.readouterr().out.split("held-out accuracy per job")[-1].splitlines()[2:]
+    assert [row.split()[0] for row in table] == ["seed=0", "seed=1"], table
     task_dir = tmp_path / "outputs" / "supervised"
     runs = sorted(p.parent for p in task_dir.rglob("metrics.json"))
     assert len(runs) == 2 and [p.name for p in runs] == ["0", "1"], runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,9 +35,13 @@ def test_tiny_run_learns_above_chance_on_held_out_experiments(make_cfg, tmp_path
 
 
 @pytest.mark.parametrize("model", ["resnet18", "resnet50", "vit_s16"])
-def test_fast_dev_run_per_model_config(make_cfg, model):
+def test_fast_dev_run_per_model_config(make_cfg, tmp_path, model):
     cfg = make_cfg("debug=tiny", "trainer.fast_dev_run=true", f"model={model}", "logger=csv")
     train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["model"] == cfg.model.name  # the architecture the config names was built and trained
+    assert math.isfinite(metrics["val/loss"]) and {"test/acc", "test/acc_top5"} <= set(metrics)
+    assert metrics["params/trainable"] == metrics["params/total"] > 0
 
 
 @pytest.mark.parametrize("logger,expected", [("tensorboard", "tensorboard"), ("wandb", "wandb")])

@@ -1,4 +1,4 @@
-"""Batch correction (DESIGN §5) checked against a direct transcription of the definitions."""
+"""Batch correction (docs/benchmarks.md) checked against a direct transcription of the definitions."""
 
 from __future__ import annotations
 

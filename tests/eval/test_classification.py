@@ -1,4 +1,4 @@
-"""RxRx1 classification (DESIGN §5): top-k, per cell type, plate-group assignment."""
+"""RxRx1 classification (docs/benchmarks.md): top-k, per cell type, plate-group assignment."""
 
 from __future__ import annotations
 

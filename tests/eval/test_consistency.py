@@ -1,4 +1,4 @@
-"""Replicate consistency (DESIGN §5): the statistic, the p-value rule, the null, bad input."""
+"""Replicate consistency (docs/benchmarks.md): the statistic, the p-value rule, the null, bad input."""
 
 from __future__ import annotations
 

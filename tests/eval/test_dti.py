@@ -1,4 +1,4 @@
-"""Zero-shot DTI (DESIGN §5): positives, grey zone, negative sampling, AP/AUC vs random, bad tables."""
+"""Zero-shot DTI (docs/benchmarks.md): positives, grey zone, negative sampling, AP/AUC vs random, bad tables."""
 
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def test_dti_ranks_planted_targets_on_rxrx3_core_shards(make_cfg, tmp_path):
         tmp_path / "rxrx3-core", wells=wells, files=3, row_group_size=60, image=image_function(weights)
     )
     cfg = make_cfg("data=rxrx3_core", f"data.root={root}", f"data.shards_dir={tmp_path}/shards", config_name="shard")
-    shards_dir = ensure_shards(cfg.data, progress=False)
+    shards_dir = ensure_shards(cfg.data, progress=False).shards_dir
     manifest = load_manifest(shards_dir)
     assert manifest["num_samples"] == len(wells) and manifest["bad_input"]["count"] == 0
     assert manifest["image_shape"] == [6, SIZE, SIZE]

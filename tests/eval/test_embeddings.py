@@ -1,4 +1,4 @@
-"""Well embeddings (DESIGN §5): per-well means, parquet round trip, alignment checks."""
+"""Well embeddings (docs/benchmarks.md): per-well means, parquet round trip, alignment checks."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """cellrep-eval end to end on the session's tiny model, then on its own embeddings parquet.
 
-The science checks of DESIGN §4/§5 on the synthetic screen: a trained model's
+The science checks of docs/data.md/§5 on the synthetic screen: a trained model's
 batch-corrected embeddings recall annotated gene pairs above chance and above
 the raw embeddings, and zero-shot DTI ranks known targets above random.
 """

@@ -1,4 +1,4 @@
-"""Per-block features from ONE backbone pass (DESIGN §5, §7 "Probing") and the probes trained on them."""
+"""Per-block features from ONE backbone pass (docs/benchmarks.md, §7 "Probing") and the probes trained on them."""
 
 from __future__ import annotations
 

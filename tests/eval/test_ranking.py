@@ -1,4 +1,4 @@
-"""AP and ROC AUC (used by DTI, DESIGN §5) against hand-computed values, ties included."""
+"""AP and ROC AUC (used by DTI, docs/benchmarks.md) against hand-computed values, ties included."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Relationship recall (DESIGN §5) against hand-computed answers, random embeddings and bad inputs."""
+"""Relationship recall (docs/benchmarks.md) against hand-computed answers, random embeddings and bad inputs."""
 
 from __future__ import annotations
 

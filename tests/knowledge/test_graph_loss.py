@@ -1,4 +1,4 @@
-"""Graph losses (DESIGN §6) against hand-computed values, and what their gradients do."""
+"""Graph losses (docs/FEWSHOT.md) against hand-computed values, and what their gradients do."""
 
 from __future__ import annotations
 

@@ -107,6 +107,32 @@ def test_vit_context_projection_lives_outside_the_backbone():
     assert out.shape == (2, backbone.num_features)
 
 
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("vit_small_patch16_224", {"reg_tokens": 1, "pre_norm": True, "pos_drop_rate": 0.2, "patch_drop_rate": 0.3}),
+        ("ca_vit_small_patch16", {}),
+    ],
+)
+def test_the_context_token_joins_the_backbones_own_tokens(name, options):
+    """The blocks see the backbone's own tokens, dropout draws included, with the context token after the prefix."""
+    torch.manual_seed(0)
+    backbone = build_backbone(name, 3, num_classes=0, img_size=32, **TINY_VIT["kwargs"], **options).train()
+    context = CellTypeContext(torch.randn(2, 4), backbone.num_features, "token")
+    seen = []
+    backbone.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images, ids = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        backbone.forward_features(images)
+        torch.manual_seed(1)
+        pooled_features(backbone, images, context, ids)
+        plain, with_context = seen
+        n = backbone.num_prefix_tokens
+        expected = torch.cat([plain[:, :n], context(ids)[:, None], plain[:, n:]], dim=1)
+    assert torch.equal(with_context, expected)
+
+
 def test_film_starts_as_the_identity():
     task = make_task({"name": "test_resnet"}, torch.randn(3, 4))
     plain = make_task({"name": "test_resnet"}, None)

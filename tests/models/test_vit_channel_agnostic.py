@@ -83,3 +83,15 @@ def test_grad_checkpointing_gives_the_same_gradients(model):
         grads.append(model.patch_embed.weight.grad.clone())
     model.set_grad_checkpointing(False)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_features_and_intermediates_come_from_the_same_pass(model):
+    """forward_features and forward_intermediates run the same tokens through the same block runner."""
+    model.eval()
+    x = torch.randn(2, 5, 32, 32)
+    with torch.no_grad():
+        final, blocks = model.forward_intermediates(x, norm=True, return_prefix_tokens=True)
+        features = model.forward_features(x)
+    assert torch.equal(final, features)
+    tokens, cls = blocks[-1]
+    assert torch.equal(torch.cat([cls, tokens], dim=1), features)

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from cellrep.models.backbone import build_backbone
 from cellrep.models.vit import patch_size_of
+from cellrep.models.vit_tokens import run_blocks, vit_tokens
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,6 +72,35 @@ def test_one_intermediate_per_block_for_probing(config):
     assert all(cls.shape == (2, 1, TINY["embed_dim"]) for _, cls in with_cls)
     assert len(last_two) == 2 and final.shape[-1] == TINY["embed_dim"]
     torch.testing.assert_close(blocks[-1], with_cls[-1][0])
+
+
+TIMM_OPTIONS = {  # the options that change timm's token path: prefix tokens, where positions go, pre-norm, dropouts
+    "plain": {},
+    "registers, no class position": {"reg_tokens": 2, "no_embed_class": True},
+    "pre-norm and every dropout": {
+        "pre_norm": True,
+        "pos_drop_rate": 0.2,
+        "patch_drop_rate": 0.3,
+        "drop_path_rate": 0.2,
+    },
+}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("options", sorted(TIMM_OPTIONS))
+def test_cellrep_token_path_is_timms_forward_features(options, checkpointing):
+    """What the context path and MAE run (vit_tokens, run_blocks) is timm's forward_features bit for bit,
+    in training too: the same dropout draws in the same order."""
+    torch.manual_seed(0)
+    model = build_backbone(
+        "vit_small_patch16_224", in_chans=5, num_classes=0, img_size=32, **TINY, **TIMM_OPTIONS[options]
+    ).train()
+    model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 5, 32, 32)
+    torch.manual_seed(1)
+    ours = model.norm(run_blocks(model.blocks, vit_tokens(model, x), model.grad_checkpointing))
+    torch.manual_seed(1)
+    assert torch.equal(ours, model.forward_features(x))
 
 
 FULL_WIDTH = {  # config: (embed_dim, depth, patch, parameters at 256 px, 6 channels, no head)

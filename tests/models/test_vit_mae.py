@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cellrep.models.backbone import build_backbone
-from cellrep.models.mae import MaskedAutoencoder
+from cellrep.models.mae import MaskedAutoencoder, random_masking
 from cellrep.training.tasks.mae_loss import mae_loss, normalize_patches
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -13,9 +13,18 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ENCODERS = ["vit_small_patch16_224", "ca_vit_small_patch16", "vit_large_patch8_256"]
 
 
-def make_mae(name: str, in_chans: int, **kwargs) -> MaskedAutoencoder:
+def make_mae(name: str, in_chans: int, encoder_kwargs: dict | None = None, **kwargs) -> MaskedAutoencoder:
     torch.manual_seed(0)
-    encoder = build_backbone(name, in_chans=in_chans, num_classes=0, img_size=32, embed_dim=64, depth=2, num_heads=4)
+    encoder = build_backbone(
+        name,
+        in_chans=in_chans,
+        num_classes=0,
+        img_size=32,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        **(encoder_kwargs or {}),
+    )
     return MaskedAutoencoder(encoder, in_chans, decoder_dim=32, decoder_depth=2, decoder_heads=4, **kwargs)
 
 
@@ -52,6 +61,34 @@ def test_the_encoder_sees_only_the_visible_tokens(name):
     mae(torch.randn(3, 6, 32, 32), mask_ratio=0.75)
     tokens = 4 * (6 if "ca_vit" in name else 1)
     assert seen == [(3, 1 + tokens // 4, 64)]
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "ca_vit_small_patch16"])
+def test_the_encoder_runs_the_backbones_own_tokens_that_stay_visible(name):
+    """Masking only picks tokens out of the backbone's own sequence; the blocks and norm are the backbone's."""
+    mae = make_mae(name, 5).eval()
+    enc, n = mae.encoder, mae.num_prefix_tokens
+    x = torch.randn(2, 5, 32, 32)
+    with torch.no_grad():
+        latent, _, mask = mae.encode(x, 0.75, torch.Generator().manual_seed(0))
+        # the backbone's own stem, written out: a CA-ViT's embed; timm's pieces in forward_features' order
+        tokens = enc.embed(x) if "ca_vit" in name else enc.norm_pre(enc.patch_drop(enc._pos_embed(enc.patch_embed(x))))
+        L, D = tokens.shape[1] - n, tokens.shape[2]
+        ids_keep, _ = random_masking(L, L // 4, 2, x.device, torch.Generator().manual_seed(0))
+        visible = tokens[:, n:].gather(1, ids_keep[..., None].expand(-1, -1, D))
+        expected = enc.norm(enc.blocks(torch.cat([tokens[:, :n], visible], dim=1)))
+    assert torch.equal(latent, expected)
+    assert not mask.gather(1, ids_keep).any()
+
+
+def test_timms_patch_dropout_is_left_to_the_masking():
+    """MAE's masking is its patch dropout: an encoder's patch_drop_rate changes nothing."""
+    x = torch.randn(2, 5, 32, 32)
+    outs = []
+    for rate in (0.0, 0.5):
+        mae = make_mae("vit_small_patch16_224", 5, {"patch_drop_rate": rate}).train()
+        outs.append(mae(x, 0.5, torch.Generator().manual_seed(1)))
+    assert torch.equal(outs[0].latent, outs[1].latent) and torch.equal(outs[0].pred, outs[1].pred)
 
 
 def test_masks_differ_per_sample_and_are_reproducible_with_a_generator():

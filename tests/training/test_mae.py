@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from types import SimpleNamespace
 
@@ -105,9 +106,12 @@ def test_mae_recipe_experiment_composes_and_runs_at_small_scale(make_cfg):
     train(cfg)
 
 
-def test_the_channel_agnostic_vit_pretrains_too(make_cfg):
+def test_the_channel_agnostic_vit_pretrains_too(make_cfg, tmp_path):
     cfg = make_cfg(*TINY_MAE, "model=ca_vit_s16", "trainer.fast_dev_run=true")
     train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["model"] == cfg.model.name and "ca_vit" in cfg.model.name
+    assert np.isfinite(metrics["val/loss"]) and metrics["params/total"] > 0
 
 
 def test_non_finite_loss_stops_with_a_clear_message():

@@ -1,4 +1,4 @@
-"""cellrep-eval: embeddings, batch correction and the biology benchmarks (DESIGN §5).
+"""cellrep-eval: embeddings, batch correction and the biology benchmarks (docs/benchmarks.md).
 
     cellrep-eval ckpt_path=.../best.ckpt block=best benchmarks=[recall,consistency,dti]
     cellrep-eval embeddings=published.parquet [metadata=meta.csv join_on=well_id]

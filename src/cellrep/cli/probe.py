@@ -6,7 +6,7 @@ Reads the run's data and split (``<run>/config.yaml``), records the pooled
 feature of every block (every stage of a CNN) in ONE pass over all sites,
 trains a BatchNorm + linear probe per block and learning rate on the training
 experiments, picks each block's learning rate on validation and scores the
-held-out experiments (DESIGN §5). Writes ``probe.csv``, ``probe.json``,
+held-out experiments (docs/benchmarks.md). Writes ``probe.csv``, ``probe.json``,
 ``probe.png`` and ``metrics.json``; prints the table and the best block and
 logs them to the configured loggers.
 """

@@ -19,7 +19,7 @@ register_resolvers()
 
 def shard(cfg: DictConfig) -> None:
     to_schema(cfg)
-    shards_dir = ensure_shards(cfg.data)
+    shards_dir = ensure_shards(cfg.data).shards_dir
     manifest = load_manifest(shards_dir)
     print(
         f"cellrep: {manifest['num_samples']} sites of '{manifest['dataset']}' in {len(manifest['shards'])} shards "

@@ -1,7 +1,7 @@
 """The canonical data model: one sample = one imaging site.
 
 Every source (synthetic, RxRx1, RxRx3-core, TIFF plates) maps its metadata
-onto these columns (DESIGN.md §2). Images are ``C×H×W`` uint8 arrays whose
+onto these columns (docs/data.md). Images are ``C×H×W`` uint8 arrays whose
 channel order is the dataset's ``channel_names``.
 """
 

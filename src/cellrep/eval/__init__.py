@@ -1,4 +1,4 @@
-"""Evaluation suite (DESIGN §5): per-block probing, well embeddings, batch correction, benchmarks.
+"""Evaluation suite (docs/benchmarks.md): per-block probing, well embeddings, batch correction, benchmarks.
 
 Entry points: ``cellrep-probe`` (:mod:`cellrep.cli.probe`) and ``cellrep-eval``
 (:mod:`cellrep.cli.evaluate`). Library use, on any well embeddings::

@@ -1,4 +1,4 @@
-"""Batch correction of well embeddings, with the experiment as the batch (DESIGN §5 "Batch correction").
+"""Batch correction of well embeddings, with the experiment as the batch (docs/benchmarks.md "Batch correction").
 
 Every method uses only negative-control wells to learn the correction, so the
 biology of treated wells cannot leak into it:
@@ -26,7 +26,7 @@ from cellrep.errors import CellrepError
 from cellrep.eval.embeddings import Embeddings
 
 METHODS = ("none", "pca_centerscale", "tvn")
-CORAL_RIDGE = 0.5  # the 0.5·I added to each batch's control covariance (DESIGN §5)
+CORAL_RIDGE = 0.5  # the 0.5·I added to each batch's control covariance (docs/benchmarks.md)
 
 
 def center_scale(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -53,7 +53,7 @@ def inverse_sqrt(cov: np.ndarray) -> np.ndarray:
 
 
 def coral(z: np.ndarray, batch: np.ndarray, control: np.ndarray, ridge: float = CORAL_RIDGE) -> np.ndarray:
-    """Per batch ``z @ (Cov(batch controls, ddof=1) + ridge·I)^(-1/2)`` (DESIGN §5 TVN, CORAL step).
+    """Per batch ``z @ (Cov(batch controls, ddof=1) + ridge·I)^(-1/2)`` (docs/benchmarks.md TVN, CORAL step).
 
     Computed from the thin SVD of each batch's centred control rows instead of a
     D×D eigendecomposition: with ``C_c/√(n-1) = U S Vᵀ`` (V: D×k, k = min(n, D)),
@@ -86,7 +86,7 @@ def _check_controls(batch: np.ndarray, control: np.ndarray, method: str, minimum
 
 
 def pca_centerscale(x: np.ndarray, batch: np.ndarray, control: np.ndarray) -> np.ndarray:
-    """DESIGN §5: PCA fit on control wells of all batches, then standardize each batch by its own controls."""
+    """docs/benchmarks.md: PCA fit on control wells of all batches, then standardize each batch by its own controls."""
     _check_controls(batch, control, "pca_centerscale", 2)
     mean, axes = pca_fit(x[control])
     z = (x - mean) @ axes.T
@@ -98,7 +98,7 @@ def pca_centerscale(x: np.ndarray, batch: np.ndarray, control: np.ndarray) -> np
 
 
 def tvn(x: np.ndarray, batch: np.ndarray, control: np.ndarray) -> np.ndarray:
-    """DESIGN §5 TVN: pooled center-scale, PCA on controls, pooled center-scale, then per-batch CORAL
+    """docs/benchmarks.md TVN: pooled center-scale, PCA on controls, pooled center-scale, then per-batch CORAL
     with ``(Cov(batch controls, ddof=1) + 0.5·I)^(-1/2)``."""
     _check_controls(batch, control, "tvn", 2)
     z = center_scale(x, control)

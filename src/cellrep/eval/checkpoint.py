@@ -1,4 +1,7 @@
-"""From a training checkpoint to what evaluation needs: the frozen backbone and the run's data.
+"""From a training checkpoint to what evaluation needs: the run's data, split as in training.
+
+The frozen backbone itself comes from :func:`cellrep.models.checkpoint.load_backbone`,
+the one reader of cellrep checkpoints.
 
 A probe or an evaluation must see the data the model was trained on, split
 the same way (held-out experiments stay held out). The training run wrote its
@@ -11,57 +14,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
-import torch
-import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from cellrep.config import DataConfig, SplitConfig
 from cellrep.errors import CellrepError
-from cellrep.models.backbone import build_backbone
 
 log = logging.getLogger(__name__)
-# Where each task keeps its encoder in the state dict: supervised → backbone, mae → mae.encoder.
-BACKBONE_PREFIXES = ("backbone.", "mae.encoder.")
-
-
-def load_backbone(ckpt_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The encoder of a cellrep task checkpoint (supervised ``backbone``, MAE ``mae.encoder``)."""
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise CellrepError(f"checkpoint {path} does not exist", fix="set ckpt_path to a .ckpt written by cellrep-train")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        hparams, state = dict(ckpt["hyper_parameters"]), ckpt["state_dict"]
-        model = dict(hparams["model"])
-        in_chans = int(hparams["in_chans"])
-    except Exception as exc:  # noqa: BLE001 — any failure means "not a cellrep checkpoint"
-        raise CellrepError(
-            f"{path} is not a readable cellrep checkpoint ({type(exc).__name__}: {exc})",
-            fix="use a checkpoint written by cellrep-train (checkpoints/best.ckpt or last.ckpt)",
-        ) from None
-    prefix = next((p for p in BACKBONE_PREFIXES if any(k.startswith(p) for k in state)), None)
-    if prefix is None:
-        raise CellrepError(
-            f"{path} holds no backbone weights (looked for {list(BACKBONE_PREFIXES)})",
-            fix="use a checkpoint of a cellrep task (supervised or mae)",
-        )
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    backbone = build_backbone(
-        model["name"],
-        in_chans=in_chans,
-        num_classes=int(hparams.get("num_classes") or 0),
-        img_size=model.get("img_size"),
-        **dict(model.get("kwargs") or {}),
-    )
-    missing, unexpected = backbone.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CellrepError(
-            f"{path}: backbone weights do not fit {model['name']} (missing {missing[:3]}, unexpected {unexpected[:3]})",
-            fix="the checkpoint and its hyperparameters disagree",
-        )
-    return backbone.eval(), {"model": model, "in_chans": in_chans, "num_classes": hparams.get("num_classes")}
 
 
 def run_config_path(ckpt_path: str | Path) -> Path:
@@ -91,34 +50,16 @@ def eval_data_config(cfg: DictConfig) -> tuple[DictConfig, DictConfig, int, str]
 
 
 def build_eval_datamodule(data: DictConfig, split: DictConfig, seed: int, batch_size: int, num_workers: int):
-    """Shards (made if needed) + the training split, with evaluation loader settings."""
+    """(datamodule, prepared shards): shards made if needed + the training split, with evaluation loader settings.
+
+    The prepared shards also say where the dataset itself lives (``dataset_root``: the synthetic
+    screen's folder holds compound_targets.csv), so the source is opened once.
+    """
     from cellrep.data.loading.datamodule import CellDataModule
     from cellrep.data.shards.prepare import ensure_shards
 
-    shards_dir = ensure_shards(data)
-    channels = data.channel_names or (data.synthetic.channel_names if data.get("synthetic") else None)
-    split_dict = OmegaConf.to_container(split, resolve=True)
-    split_dict["name"] = getattr(split.name, "name", split.name)
-    return CellDataModule(
-        shards_dir,
-        split=split_dict,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        crop_size=data.crop_size,
-        normalization=getattr(data.normalization, "name", data.normalization),
-        label_column=data.label_column,
-        expected_channels=len(channels) if channels else None,
-        seed=seed,
-        max_corrupt=data.get("max_corrupt", 100),
+    shards = ensure_shards(data)
+    dm = CellDataModule.from_config(
+        shards.shards_dir, data, split, seed, batch_size=batch_size, num_workers=num_workers, augment_on_device=None
     )
-
-
-def data_root(data: DictConfig) -> Path | None:
-    """The dataset's own folder (the synthetic screen's, which holds compound_targets.csv)."""
-    from cellrep.data.shards.prepare import build_source
-
-    try:
-        source, _ = build_source(data, progress=False)
-    except CellrepError:
-        return None
-    return getattr(source, "root", None)
+    return dm, shards

@@ -1,4 +1,4 @@
-"""RxRx1 classification from well embeddings (DESIGN §5 "RxRx1 classification").
+"""RxRx1 classification from well embeddings (docs/benchmarks.md "RxRx1 classification").
 
 A linear probe (the same BatchNorm + linear, several learning rates, as
 per-block probing) is fit on wells of training experiments and scored on the
@@ -75,7 +75,7 @@ def assign_groups(probs: np.ndarray, plates: np.ndarray, experiments: np.ndarray
 def classification_benchmark(
     emb: Embeddings, settings: ProbeSettings = ProbeSettings(), use_plate_groups: bool = True, progress: bool = True
 ) -> dict:
-    """DESIGN §5: top-1/top-5 on held-out experiments over non-control siRNAs, overall and per cell
+    """docs/benchmarks.md: top-1/top-5 on held-out experiments over non-control siRNAs, overall and per cell
     type, plus (when the plates hold ≥2 disjoint groups) with plate-group assignment."""
     sub = emb.subset(emb.genetic_mask())
     stage = held_out_stage(sub.meta)

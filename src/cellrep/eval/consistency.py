@@ -1,10 +1,10 @@
-"""Replicate consistency (DESIGN §5 "Replicate consistency").
+"""Replicate consistency (docs/benchmarks.md "Replicate consistency").
 
 Does a perturbation look the same every time it is applied? Its replicate
 wells (usually one per experiment) should point the same way more often than
 wells that share nothing but their batches.
 
-Null, as DESIGN §5 orders it: the same statistic for negative-control
+Null, as docs/benchmarks.md orders it: the same statistic for negative-control
 *perturbations* (e.g. non-targeting guides, each with its own replicate wells)
 when the screen has at least ``min_control_perturbations`` of them; lacking
 them, random well sets of the same size within the same batches. The random
@@ -44,7 +44,7 @@ def mean_pairwise_cosine(unit_sets: np.ndarray) -> np.ndarray:
 
 
 def p_values(stats: np.ndarray, sorted_null: np.ndarray) -> np.ndarray:
-    """DESIGN §5: p = 1 − rank in the sorted null / len(null), rank = #null values below the statistic."""
+    """docs/benchmarks.md: p = 1 − rank in the sorted null / len(null), rank = #null values below the statistic."""
     return 1.0 - np.searchsorted(sorted_null, stats, side="left") / len(sorted_null)
 
 
@@ -68,7 +68,7 @@ def _replicate_groups(meta: pd.DataFrame, rows: np.ndarray) -> pd.Series:
 def consistency_table(
     emb: Embeddings, null_samples: int = 1000, seed: int = 0, min_control_perturbations: int = 20
 ) -> tuple[pd.DataFrame, dict]:
-    """DESIGN §5: per perturbation the mean pairwise cosine of its replicate wells and p = 1 − rank in
+    """docs/benchmarks.md: per perturbation the mean pairwise cosine of its replicate wells and p = 1 − rank in
     the sorted null / len(null) (null: see the module docstring). Returns the table
     (perturbation, n_wells, cosine, p) and a description of the null."""
     meta = emb.meta
@@ -112,7 +112,7 @@ def consistency_table(
 def replicate_consistency(
     emb: Embeddings, null_samples: int = 1000, alpha: float = 0.05, seed: int = 0, min_control_perturbations: int = 20
 ) -> dict:
-    """DESIGN §5 summary: the fraction of perturbations with p < alpha and the median cosine."""
+    """docs/benchmarks.md summary: the fraction of perturbations with p < alpha and the median cosine."""
     table, null = consistency_table(emb, null_samples, seed, min_control_perturbations)
     return {
         "n_perturbations": int(len(table)),

@@ -1,4 +1,4 @@
-"""Zero-shot drug–target interaction (DESIGN §5 "Zero-shot DTI", the RxRx3-core benchmark).
+"""Zero-shot drug–target interaction (docs/benchmarks.md "Zero-shot DTI", the RxRx3-core benchmark).
 
 A compound that inhibits a gene's product should look like that gene's
 knockout, so ranking genes by |cosine(compound, gene)| should put its known
@@ -104,7 +104,7 @@ def dti_benchmark(
     negative_ratio: int = 2,
     progress: bool = True,
 ) -> DTIResult:
-    """DESIGN §5 zero-shot DTI, exactly.
+    """docs/benchmarks.md zero-shot DTI, exactly.
 
     Per compound: positives = genes with activity ≤ ``positive_nM``; the grey zone
     (``positive_nM`` < activity < ``negative_nM``) is excluded; negatives are

@@ -1,4 +1,4 @@
-"""Well embeddings: the one table every benchmark reads (DESIGN §5 "Embeddings").
+"""Well embeddings: the one table every benchmark reads (docs/benchmarks.md "Embeddings").
 
 Per-site features of the chosen block are mean-aggregated per well and kept
 as metadata columns + ``feature_0..feature_{D-1}``, written as parquet. The
@@ -117,7 +117,7 @@ class Embeddings:
 
 
 def aggregate_wells(features: np.ndarray, sites: pd.DataFrame) -> Embeddings:
-    """Mean of site features per well (DESIGN §5 "Embeddings": per site, mean-aggregated per well).
+    """Mean of site features per well (docs/benchmarks.md "Embeddings": per site, mean-aggregated per well).
 
     Well metadata is each well's first site's row (sites of a well share their
     perturbation); ``n_sites`` counts the sites that were averaged.

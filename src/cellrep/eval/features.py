@@ -1,4 +1,4 @@
-"""Pooled features of every block from ONE backbone pass (DESIGN §5 probing, §7 "Probing").
+"""Pooled features of every block from ONE backbone pass (docs/benchmarks.md, "Per-block linear probing").
 
 Probing N blocks must cost one forward pass per image, not N: timm's
 ``forward_intermediates`` returns every block's output (every stage for a

@@ -17,10 +17,11 @@ import torch
 from omegaconf import DictConfig
 
 from cellrep.errors import CellrepError
-from cellrep.eval.checkpoint import build_eval_datamodule, data_root, eval_data_config, load_backbone
+from cellrep.eval.checkpoint import build_eval_datamodule, eval_data_config
 from cellrep.eval.embeddings import Embeddings, aggregate_wells
 from cellrep.eval.features import BlockFeatures, block_names, extract_block_features, resolve_block
 from cellrep.eval.probe import ProbeResult, ProbeSettings, train_probes
+from cellrep.models.checkpoint import load_backbone
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,14 @@ def prepare(cfg: DictConfig) -> Prepared:
     """Load the backbone and the training run's data (split included) for evaluation."""
     backbone, meta = load_backbone(cfg.ckpt_path)
     data, split, seed, source = eval_data_config(cfg)
-    dm = build_eval_datamodule(data, split, seed, cfg.loader.batch_size, cfg.loader.num_workers)
+    dm, shards = build_eval_datamodule(data, split, seed, cfg.loader.batch_size, cfg.loader.num_workers)
     if dm.in_chans != meta["in_chans"]:
         raise CellrepError(
             f"the checkpoint takes {meta['in_chans']} channels but the data has {dm.in_chans}",
             fix="evaluate on the data the model was trained on (use_run_config=true)",
         )
     log.info("evaluating %s on %d sites (data/split from %s)", meta["model"]["name"], len(dm.index), source)
-    return Prepared(backbone, dm, pick_device(cfg.device), meta["model"], source, data_root(data))
+    return Prepared(backbone, dm, pick_device(cfg.device), meta["model"], source, shards.dataset_root)
 
 
 def site_frame(dm, rows) -> pd.DataFrame:
@@ -74,7 +75,7 @@ def probe_settings(cfg: DictConfig) -> ProbeSettings:
 def probe_all_blocks(
     prep: Prepared, settings: ProbeSettings, progress: bool = True
 ) -> tuple[BlockFeatures, pd.DataFrame, ProbeResult]:
-    """DESIGN §5: one backbone pass over every site records each block; probes train on cached features."""
+    """docs/benchmarks.md: one backbone pass over every site records each block; probes train on cached features."""
     feats = extract_block_features(prep.backbone, prep.datamodule.eval_dataloader("all"), None, prep.device, progress)
     sites = site_frame(prep.datamodule, feats.rows)
     result = train_probes(

@@ -1,4 +1,4 @@
-"""The three pictures of an evaluation (DESIGN §5): accuracy per block, recall per
+"""The three pictures of an evaluation (docs/benchmarks.md): accuracy per block, recall per
 annotation source raw vs corrected, and the DTI AP distribution against its random baseline."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Linear probes on cached features: every block × several learning rates in one training loop.
 
-DESIGN §5 "Per-block linear probing" (ViTally Consistent; the DINOv2
+docs/benchmarks.md "Per-block linear probing" (ViTally Consistent; the DINOv2
 ``eval/linear.py`` habit): a probe per block is a BatchNorm without affine
 parameters (so blocks of very different scales are comparable) followed by a
 linear layer; one linear layer per learning rate, all trained together on the
@@ -21,17 +21,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cellrep.config import ProbeTrainingConfig
 from cellrep.errors import CellrepError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ProbeSettings:
-    lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
-    epochs: int = 30
-    batch_size: int = 256
-    weight_decay: float = 1e-4
+class ProbeSettings(ProbeTrainingConfig):
+    """The probes' schedule, with its defaults and checks from the config schema, plus the run's seed."""
+
     seed: int = 0
 
 
@@ -96,7 +95,7 @@ def train_probes(
     keep_logits: bool = False,
     progress: bool = True,
 ) -> ProbeResult:
-    """Train a BatchNorm(affine=False) + linear probe per block and learning rate (DESIGN §5).
+    """Train a BatchNorm(affine=False) + linear probe per block and learning rate (docs/benchmarks.md).
 
     ``features``: block name → (N, D_b) array, rows aligned with ``labels``
     (int class ids) and ``stage`` ("train" / "val" / "test"). The learning rate

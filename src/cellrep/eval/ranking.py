@@ -1,4 +1,4 @@
-"""Average precision and ROC AUC for many small ranking problems at once (used by DESIGN §5 DTI).
+"""Average precision and ROC AUC for many small ranking problems at once (used by docs/benchmarks.md DTI).
 
 Each row of a padded matrix is one problem (one compound's sampled genes);
 ``valid`` marks the real entries. Ties are handled exactly as scikit-learn

@@ -1,4 +1,4 @@
-"""Known-relationship recall (DESIGN §5 "Relationship recall").
+"""Known-relationship recall (docs/benchmarks.md "Relationship recall").
 
 Do genes that annotation databases (StringDB, HuMAP, Reactome, CORUM, SIGNOR)
 say are related sit unusually close — or unusually far — in the embedding?
@@ -29,7 +29,7 @@ def threshold_key(lo: float, hi: float) -> str:
 
 
 def gene_embeddings(emb: Embeddings) -> tuple[np.ndarray, np.ndarray]:
-    """Mean corrected embedding per gene (DESIGN §5: aggregate per perturbation, mean).
+    """Mean corrected embedding per gene (docs/benchmarks.md: aggregate per perturbation, mean).
 
     Uses treatment wells of genetic perturbations; per-guide names
     (``GENE_guide_3``) are stripped to the gene symbol first, so guides of one
@@ -57,7 +57,7 @@ def cosine_matrix(x: np.ndarray) -> np.ndarray:
 
 
 def pair_recall(genes: np.ndarray, cos: np.ndarray, pairs: pd.DataFrame, thresholds=THRESHOLDS) -> dict:
-    """Two-sided recall of annotated pairs against the all-pairs null (DESIGN §5, exactly).
+    """Two-sided recall of annotated pairs against the all-pairs null (docs/benchmarks.md, exactly).
 
     Null: the upper triangle (k=1) of the gene–gene cosine matrix, sorted, N
     values. For each annotated pair with both genes present (de-duplicated,

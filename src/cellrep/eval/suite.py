@@ -1,4 +1,4 @@
-"""Every requested benchmark on every requested batch correction (DESIGN §5).
+"""Every requested benchmark on every requested batch correction (docs/benchmarks.md).
 
 A benchmark that does not apply to the data (no drug–target table, no
 held-out split) is skipped with its reason recorded in the metrics and

@@ -1,4 +1,4 @@
-"""Cell-type context vectors (DESIGN §6): what the model knows about a cell line besides its images.
+"""Cell-type context vectors (docs/FEWSHOT.md): what the model knows about a cell line besides its images.
 
 A context file is a CSV with header ``cell_type,<v0>,<v1>,...`` (any names
 for the value columns), one row per cell type, e.g. a transcriptomic

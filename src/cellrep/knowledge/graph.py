@@ -1,4 +1,4 @@
-"""Gene interaction graphs as a weighted adjacency over a dataset's perturbations (DESIGN §6).
+"""Gene interaction graphs as a weighted adjacency over a dataset's perturbations (docs/FEWSHOT.md).
 
 Three file formats are read, told apart by their header line:
 

@@ -1,4 +1,4 @@
-"""Knowledge-graph losses on a batch's perturbation means (DESIGN §6).
+"""Knowledge-graph losses on a batch's perturbation means (docs/FEWSHOT.md).
 
 Both losses see a batch of sample features ``x`` (B×D), their perturbation
 labels ``y`` (B) and the dataset's perturbation graph ``W`` (P×P, symmetric,

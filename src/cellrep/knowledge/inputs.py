@@ -61,7 +61,7 @@ def context_inputs(cfg: DictConfig, cell_types: Sequence[str]) -> torch.Tensor |
             fix="drop model.context_path for this task",
         )
     if str(path) == SYNTHETIC:
-        source = getattr(cfg.data.source, "name", cfg.data.source)
+        source = cfg.data.source
         if source != "synthetic" or cfg.data.get("synthetic") is None:
             raise CellrepError(
                 f"model.context_path=synthetic needs data=synthetic (this run has data={source})",

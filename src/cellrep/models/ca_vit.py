@@ -11,8 +11,6 @@ becomes C·h·w tokens. Each token gets
   ``max_channels`` slots), so attention can tell stains apart.
 
 Inputs may have any size divisible by the patch: the position table is built
-import cellrep  # noqa: F401  (torchvision compat before timm)
-# isort: split
 from the grid of each batch. The interface mirrors timm's ``VisionTransformer``
 (``forward_features``, ``forward_head``, ``forward_intermediates``,
 ``set_grad_checkpointing``, ``reset_classifier``) and the models are registered
@@ -22,6 +20,9 @@ need not care which of the two they hold.
 
 from __future__ import annotations
 
+import cellrep  # noqa: F401  (torchvision compat before timm)
+
+# isort: split
 from functools import partial
 from typing import Optional, Union
 
@@ -32,10 +33,10 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import Block
-from torch.utils.checkpoint import checkpoint
 
 from cellrep.errors import CellrepError
 from cellrep.models.vit import sincos_pos_embed
+from cellrep.models.vit_tokens import block_outputs, run_blocks, vit_tokens
 
 
 class ChannelAgnosticViT(nn.Module):
@@ -129,14 +130,10 @@ class ChannelAgnosticViT(nn.Module):
         cls = self.cls_token.to(tokens.dtype).expand(B, -1, -1)
         return torch.cat([cls, tokens.reshape(B, C * h * w, self.embed_dim)], dim=1)
 
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else blk(x)
-        return x
-
     # -- timm interface ---------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor, channel_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.norm(self.run_blocks(self.embed(x, channel_ids)))
+        x = vit_tokens(self, x, channel_ids)
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)
@@ -168,11 +165,10 @@ class ChannelAgnosticViT(nn.Module):
                 f"a CA-ViT returns intermediates as NLC only (asked for {output_fmt})", fix="pass output_fmt='NLC'"
             )
         take, last = feature_take_indices(len(self.blocks), indices)
-        x = self.embed(x, channel_ids)
+        x = vit_tokens(self, x, channel_ids)
         blocks = self.blocks[: last + 1] if stop_early else self.blocks
         intermediates = []
-        for i, blk in enumerate(blocks):
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else blk(x)
+        for i, x in enumerate(block_outputs(blocks, x, self.grad_checkpointing)):
             if i in take:
                 y = self.norm(x) if norm else x
                 tokens, prefix = y[:, self.num_prefix_tokens :], y[:, : self.num_prefix_tokens]

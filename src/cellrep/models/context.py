@@ -1,4 +1,4 @@
-"""Feeding a cell-type context vector to a backbone (DESIGN §6; vectors from :mod:`cellrep.knowledge.context`).
+"""Feeding a cell-type context vector to a backbone (docs/FEWSHOT.md; vectors from :mod:`cellrep.knowledge.context`).
 
 * **ViTs** (timm ``VisionTransformer`` and the CA-ViT): the vector is projected
   to the embedding width and inserted as one extra token right after the
@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from cellrep.models.ca_vit import ChannelAgnosticViT
+from cellrep.models.vit_tokens import run_blocks, vit_tokens
 
 
 def takes_context_token(backbone: nn.Module) -> bool:
@@ -57,23 +58,6 @@ class CellTypeContext(nn.Module):
         return features * (1 + gamma) + beta
 
 
-def _vit_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    if isinstance(backbone, ChannelAgnosticViT):
-        return backbone.embed(images)
-    x = backbone._pos_embed(backbone.patch_embed(images))
-    return backbone.norm_pre(backbone.patch_drop(x))
-
-
-def _run_blocks(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(backbone, ChannelAgnosticViT):
-        return backbone.run_blocks(x)
-    if backbone.grad_checkpointing and x.requires_grad:
-        from timm.models import checkpoint_seq
-
-        return checkpoint_seq(backbone.blocks, x)
-    return backbone.blocks(x)
-
-
 def pooled_features(
     backbone: nn.Module,
     images: torch.Tensor,
@@ -87,11 +71,11 @@ def pooled_features(
     """
     if context is None or context.mode == "film":
         return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
-    x = _vit_tokens(backbone, images)
+    x = vit_tokens(backbone, images)
     n = backbone.num_prefix_tokens
     token = context(cell_type_ids).to(x.dtype)[:, None]
     x = torch.cat([x[:, :n], token, x[:, n:]], dim=1)
-    x = backbone.norm(_run_blocks(backbone, x))
+    x = backbone.norm(run_blocks(backbone.blocks, x, backbone.grad_checkpointing))
     x = torch.cat([x[:, :n], x[:, n + 1 :]], dim=1)  # pooling sees the usual tokens
     return backbone.forward_head(x, pre_logits=True)
 

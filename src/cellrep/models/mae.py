@@ -1,7 +1,7 @@
 """Masked autoencoder (He et al. 2022) around a timm ViT or a CA-ViT encoder.
 
 The encoder is the very backbone a supervised run builds (``num_classes=0``),
-so its state dict loads into one unchanged (:mod:`cellrep.training.init_from`).
+so its state dict loads into one unchanged (:mod:`cellrep.models.checkpoint`).
 Per sample, a random ``mask_ratio`` of the patch tokens is dropped *before* the
 encoder, which therefore runs on the visible quarter only (that is where MAE's
 speed comes from); a light decoder fills the sequence with a learned mask token,
@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
-from torch.utils.checkpoint import checkpoint
 
 from cellrep.errors import CellrepError
 from cellrep.models.vit import fix_pos_embed_to_sincos, patch_size_of, sincos_pos_embed
+from cellrep.models.vit_tokens import run_blocks, vit_tokens
 
 
 @dataclass
@@ -44,13 +44,6 @@ def random_masking(num_tokens: int, keep: int, batch: int, device, generator: Op
     noise = torch.rand(batch, num_tokens, device=device, generator=generator)
     ids_shuffle = noise.argsort(dim=1)
     return ids_shuffle[:, :keep], ids_shuffle.argsort(dim=1)
-
-
-def run_blocks(blocks: nn.Module, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
-    for blk in blocks:
-        # checkpointing trades one extra forward per block for not storing its activations
-        x = checkpoint(blk, x, use_reentrant=False) if grad_checkpointing and torch.is_grad_enabled() else blk(x)
-    return x
 
 
 class MAEDecoder(nn.Module):
@@ -164,16 +157,9 @@ class MaskedAutoencoder(nn.Module):
         return patches.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
     # -- encoder ---------------------------------------------------------------------------------
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """All tokens with positions added, prefix (class) tokens first."""
-        enc = self.encoder
-        if self.channel_agnostic:
-            return enc.embed(images)
-        return enc.norm_pre(enc._pos_embed(enc.patch_embed(images)))  # timm's own embedding path
-
     def encode(self, images: torch.Tensor, mask_ratio: float, generator: Optional[torch.Generator] = None):
         """Encode a random ``1 - mask_ratio`` of the tokens; returns (latent, ids_restore, mask)."""
-        tokens = self.embed(images)
+        tokens = vit_tokens(self.encoder, images, drop_patches=False)  # the masking below is MAE's patch dropout
         prefix, patches = tokens[:, : self.num_prefix_tokens], tokens[:, self.num_prefix_tokens :]
         B, L, D = patches.shape
         keep = max(1, int(round(L * (1 - mask_ratio))))

@@ -1,4 +1,4 @@
-"""The de novo cell-line protocol (DESIGN §6), inside one ``cellrep-train`` run.
+"""The de novo cell-line protocol (docs/FEWSHOT.md), inside one ``cellrep-train`` run.
 
 ``split=cell_type split.holdout=<type> split.shots=<k> task.finetune_epochs=<n>``:
 
@@ -26,11 +26,11 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cellrep.data.loading.datamodule import CellDataModule
 from cellrep.errors import CellrepError
+from cellrep.models.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 TEST_KEYS = ("test/acc", "test/acc_top5", "test/acc_top10")
@@ -44,7 +44,7 @@ def check_protocol(cfg: DictConfig) -> None:
     """The fine-tuning phase needs a held-out cell type with shots and a supervised task."""
     if finetune_epochs(cfg) == 0:
         return
-    split = cfg.split.name.name if hasattr(cfg.split.name, "name") else str(cfg.split.name)
+    split = str(cfg.split.name)
     if split != "cell_type" or int(cfg.split.get("shots", 0)) < 1:
         raise CellrepError(
             f"task.finetune_epochs={finetune_epochs(cfg)} fine-tunes on the shots of a held-out "
@@ -77,9 +77,8 @@ def finetune_and_test(
 ) -> dict[str, Any]:
     """Steps 2–4 of the protocol (the caller did step 1 on ``dm.with_train_rows``)."""
     best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.best_model_path), None)
-    if best:
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        model.load_state_dict(state)
+    if best:  # the whole task (graph loss, context included) as it was at its best validation
+        model.load_state_dict(read_checkpoint(best, setting="the de novo protocol's best checkpoint").state_dict)
     metrics = {"pretrained_checkpoint": best}
     metrics.update(_test(trainer, model, dm, "zeroshot/"))
     _, shots = phase_rows(dm, cfg.split.holdout)

@@ -1,4 +1,4 @@
-"""Split definitions (DESIGN.md §2): batch, random, cell_type (+shots), official; validation rules."""
+"""Split definitions (docs/data.md): batch, random, cell_type (+shots), official; validation rules."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import pytest
@@ -78,35 +79,72 @@ def test_two_processes_preparing_one_screen_generate_it_once_and_both_succeed(tm
     assert (data_dir / "synthetic" / f".{screens[0].name}.lock").is_file()  # beside the cache, never deleted
 
 
-def test_lock_is_reentrant_and_sits_beside_the_screen(make_cfg, tmp_path):
-    from cellrep.data.shards.prepare import cache_lock
-
+def test_the_screen_lock_sits_beside_the_screen_and_prepare_says_where_the_dataset_is(make_cfg, tmp_path):
     cfg = make_cfg(*TINY, f"paths.data_dir={tmp_path}/data", config_name="shard")
     path = screen_lock_path(cfg.data)
     assert path.parent == tmp_path / "data" / "synthetic" and path.name.startswith(".")
-    with cache_lock(path, "outer", progress=False):  # ensure_shards holds it while build_source takes it again
-        shards = ensure_shards(cfg.data, progress=False)
-    assert path.parent / path.name[1 : -len(".lock")] / "shards" == shards
-    assert load_manifest(shards)["dataset"] == "rxrx1"
+    prepared = ensure_shards(cfg.data, progress=False)
+    screen = path.parent / path.name[1 : -len(".lock")]
+    assert prepared.shards_dir == screen / "shards" and prepared.dataset_root == screen
+    assert (screen / "compound_targets.csv").is_file()  # what cellrep-eval's DTI benchmark reads from there
+    assert load_manifest(prepared.shards_dir)["dataset"] == "rxrx1"
+
+
+def test_a_held_lock_makes_the_next_holder_wait_and_say_so(tmp_path, capsys):
+    from cellrep.data.shards.prepare import cache_lock
+
+    path, order = tmp_path / ".cache.lock", []
+
+    def hold():
+        with cache_lock(path, "first", progress=False):
+            held.set()
+            time.sleep(0.3)
+            order.append("first released")
+
+    held = threading.Event()
+    first = threading.Thread(target=hold)
+    first.start()
+    held.wait(10)
+    with cache_lock(path, "the test cache"):  # a second open file of the lock: flock makes it wait
+        order.append("second acquired")
+    first.join()
+    assert order == ["first released", "second acquired"]
+    assert f"waiting for another process preparing the test cache (lock {path})" in capsys.readouterr().out
+
+
+def test_evaluation_opens_the_source_once(make_cfg, monkeypatch):
+    from cellrep.data.shards import prepare
+    from cellrep.eval.checkpoint import build_eval_datamodule
+
+    cfg = make_cfg("debug=tiny")
+    ensure_shards(cfg.data, progress=False)
+    opened = []
+    real = prepare._open_source
+    monkeypatch.setattr(prepare, "_open_source", lambda *a, **k: opened.append(1) or real(*a, **k))
+    dm, shards = build_eval_datamodule(cfg.data, cfg.split, 0, batch_size=4, num_workers=0)
+    assert len(opened) == 1 and dm.shards_dir == shards.shards_dir
+    assert shards.dataset_root == shards.shards_dir.parent  # the synthetic screen's folder
 
 
 # ------------------------------------------------------------------ data.max_corrupt
 def test_max_corrupt_override_reaches_the_datamodule_and_its_loader(make_cfg, tmp_path):
-    from cellrep.cli.train import build_datamodule
     from cellrep.config import to_schema
+    from cellrep.data.loading.datamodule import CellDataModule
 
-    assert build_datamodule(make_cfg("debug=tiny"), ensure_shards(make_cfg("debug=tiny").data)).max_corrupt == 100
+    default = make_cfg("debug=tiny")
+    shards_dir = ensure_shards(default.data).shards_dir
+    assert CellDataModule.from_config(shards_dir, default.data, default.split, default.seed).max_corrupt == 100
     cfg = make_cfg("debug=tiny", "data.max_corrupt=0")
     to_schema(cfg)
     shards = tmp_path / "shards"
-    shutil.copytree(ensure_shards(cfg.data, progress=False), shards)
+    shutil.copytree(ensure_shards(cfg.data, progress=False).shards_dir, shards)
     for tar in sorted(shards.glob("*.tar")):  # garble one sample per shard, keeping its size (offsets stay valid)
         with tarfile.open(tar) as tf:
             member = next(m for m in tf.getmembers() if m.name.endswith(".npy"))
         with open(tar, "r+b") as f:
             f.seek(member.offset_data)
             f.write(os.urandom(member.size))
-    dm = build_datamodule(cfg, shards)
+    dm = CellDataModule.from_config(shards, cfg.data, cfg.split, cfg.seed)
     assert dm.max_corrupt == 0
     dm.setup("fit")
     with pytest.raises(CellrepError, match="more than 0 unreadable"):
@@ -115,9 +153,11 @@ def test_max_corrupt_override_reaches_the_datamodule_and_its_loader(make_cfg, tm
 
     from cellrep.eval.checkpoint import build_eval_datamodule
 
-    assert build_eval_datamodule(cfg.data, cfg.split, 0, batch_size=4, num_workers=0).max_corrupt == 0  # eval too
+    dm, _ = build_eval_datamodule(cfg.data, cfg.split, 0, batch_size=4, num_workers=0)
+    assert dm.max_corrupt == 0  # eval too
 
-    lenient = build_datamodule(make_cfg("debug=tiny", "data.max_corrupt=1000"), shards)
+    lenient_cfg = make_cfg("debug=tiny", "data.max_corrupt=1000")
+    lenient = CellDataModule.from_config(shards, lenient_cfg.data, lenient_cfg.split, lenient_cfg.seed)
     lenient.setup("fit")
     assert lenient.max_corrupt == 1000 and len(next(iter(lenient.train_dataloader()))["label"]) > 0
 
@@ -127,8 +167,8 @@ def test_max_corrupt_override_reaches_the_datamodule_and_its_loader(make_cfg, tm
 
 def test_manifest_json_is_unchanged_by_a_second_prepare(make_cfg):
     cfg = make_cfg("debug=tiny")
-    shards = ensure_shards(cfg.data, progress=False)
+    shards = ensure_shards(cfg.data, progress=False).shards_dir
     before = (shards / "manifest.json").stat().st_mtime_ns
-    assert ensure_shards(cfg.data, progress=False) == shards
+    assert ensure_shards(cfg.data, progress=False).shards_dir == shards
     assert (shards / "manifest.json").stat().st_mtime_ns == before
     assert json.loads((shards / "manifest.json").read_text())["num_samples"] > 0

@@ -113,7 +113,7 @@ OFFICIAL_WELLS = [
 
 
 def test_rxrx1_shards_hold_the_pngs_and_official_split_is_the_dataset_column(tmp_path, make_cfg):
-    from cellrep.cli.train import build_datamodule
+    from cellrep.data.loading.datamodule import CellDataModule
     from cellrep.data.shards.prepare import ensure_shards
 
     root = tmp_path / "rxrx1"
@@ -126,7 +126,7 @@ def test_rxrx1_shards_hold_the_pngs_and_official_split_is_the_dataset_column(tmp
         "data.crop_size=8",
         "data.num_workers=0",
     )
-    shards_dir = ensure_shards(cfg.data, progress=False)
+    shards_dir = ensure_shards(cfg.data, progress=False).shards_dir
     for row in read_index(shards_dir).itertuples():
         with tarfile.open(shards_dir / row.shard) as tar:
             image = np.load(io.BytesIO(tar.extractfile(f"{row.key}.npy").read()))
@@ -134,7 +134,7 @@ def test_rxrx1_shards_hold_the_pngs_and_official_split_is_the_dataset_column(tmp
         np.testing.assert_array_equal(image, np.stack([pixels(row.site_id, c) for c in range(1, 7)]))
         assert meta["dataset"] == table.set_index("site_id").loc[row.site_id, "dataset"]
 
-    dm = build_datamodule(cfg, shards_dir)
+    dm = CellDataModule.from_config(shards_dir, cfg.data, cfg.split, cfg.seed)
     expected = table["dataset"].value_counts().to_dict()
     assert dm.split_counts["test"] == expected["test"] == 32
     assert dm.split_counts["train"] + dm.split_counts["val"] == expected["train"] == 48

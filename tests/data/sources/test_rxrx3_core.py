@@ -159,5 +159,5 @@ def test_shard_command_config_reads_rxrx3_core(make_cfg, tmp_path, rxrx3_root):
     cfg = make_cfg(
         "data=rxrx3_core", f"data.root={rxrx3_root}", f"data.shards_dir={tmp_path}/shards", config_name="shard"
     )
-    manifest = load_manifest(ensure_shards(cfg.data, progress=False))
+    manifest = load_manifest(ensure_shards(cfg.data, progress=False).shards_dir)
     assert manifest["dataset"] == "rxrx3_core" and manifest["num_samples"] == len(WELLS)

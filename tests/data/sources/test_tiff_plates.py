@@ -275,24 +275,21 @@ def test_configuration_mistakes_name_the_fix(tmp_path):
 
 
 # ------------------------------------------------------------------ JUMP: CellProfiler load_data.csv
-def write_jump(root, dtype=np.uint16):
-    """load_data.csv with s3 PathNames (as in the Cell Painting Gallery), well.csv and compound.csv."""
-    plates = {"BR00117035": "2021_04_26_Batch1", "BR00117036": "2021_04_26_Batch1"}
-    wells = {"A01": "JCP2022_033924", "A02": "JCP2022_085227", "B01": "JCP2022_033924", "B02": "JCP2022_050797"}
-    load, well_map = [], []
-    for plate, batch in plates.items():
-        for well, jcp in wells.items():
-            well_map.append(
-                dict(Metadata_Source="source_4", Metadata_Plate=plate, Metadata_Well=well, Metadata_JCP2022=jcp)
-            )
+PLATES = {"BR00117035": "2021_04_26_Batch1", "BR00117036": "2021_04_26_Batch1", "BR00121331": "2021_05_31_Batch2"}
+WELL_JCP = {"A01": "JCP2022_033924", "A02": "JCP2022_085227", "B01": "JCP2022_033924", "B02": "JCP2022_050797"}
+
+
+def write_jump(root, dtype=np.uint16, gzipped=True, batch_in_load_data=False):
+    """load_data.csv with s3 PathNames (as in the Cell Painting Gallery) and the JUMP metadata tables as
+    published: plate.csv.gz (the batch), well.csv.gz, compound.csv.gz (``gzipped=False``: plain .csv)."""
+    ext = ".csv.gz" if gzipped else ".csv"
+    load = []
+    for plate, batch in PLATES.items():
+        for well in WELL_JCP:
             for site in (1, 2):
-                row = dict(
-                    Metadata_Source="source_4",
-                    Metadata_Batch=batch,
-                    Metadata_Plate=plate,
-                    Metadata_Well=well,
-                    Metadata_Site=site,
-                )
+                row = dict(Metadata_Source="source_4", Metadata_Plate=plate, Metadata_Well=well, Metadata_Site=site)
+                if batch_in_load_data:
+                    row["Metadata_Batch"] = batch
                 for c, ch in enumerate(CHANNELS):
                     folder = f"s3://cellpainting-gallery/cpg0016-jump/source_4/images/{batch}/images/{plate}/Images/"
                     fname = f"r{well[1:]}c{well[0]}f{site:02d}p01-ch{c + 1}sk1fk1fl1.tiff"
@@ -302,43 +299,65 @@ def write_jump(root, dtype=np.uint16):
                     tifffile.imwrite(local, raw_pixels(f"{plate}_{well}_{site}", c, dtype))
                 load.append(row)
     load.append(dict(load[-1], Metadata_Well="H24"))  # an image listed but absent from the plate map
-    pd.DataFrame(load).to_csv(root / "load_data.csv", index=False)
-    pd.DataFrame(well_map).to_csv(root / "well.csv", index=False)
-    pd.DataFrame(
-        [
-            dict(
-                Metadata_JCP2022="JCP2022_085227",
-                Metadata_InChIKey="IAZDPXIOMUYVGZ-UHFFFAOYSA-N",
-                Metadata_SMILES="CC(=O)Oc1ccccc1C(=O)O",
-            ),
-            dict(
-                Metadata_JCP2022="JCP2022_050797",
-                Metadata_InChIKey="XEFQLINVKFYRCS-UHFFFAOYSA-N",
-                Metadata_SMILES="CCO",
-            ),
-        ]
-    ).to_csv(root / "compound.csv", index=False)
+    pd.DataFrame(load).to_csv(root / f"load_data{ext}", index=False)
+    plates = [
+        dict(Metadata_Source="source_4", Metadata_Batch=b, Metadata_Plate=p, Metadata_PlateType="COMPOUND")
+        for p, b in PLATES.items()
+    ]
+    plates.append(dict(plates[0], Metadata_Plate="BR00999999"))  # a plate of the table not imaged here
+    pd.DataFrame(plates).to_csv(root / f"plate{ext}", index=False)
+    wells = [
+        dict(Metadata_Source="source_4", Metadata_Plate=p, Metadata_Well=w, Metadata_JCP2022=j)
+        for p in PLATES
+        for w, j in WELL_JCP.items()
+    ]
+    pd.DataFrame(wells).to_csv(root / f"well{ext}", index=False)
+    compounds = [
+        ("JCP2022_033924", "IAZDPXIOMUYVGZ-UHFFFAOYSA-N", "InChI=1S/C2H6OS/c1-4(2)3/h1-2H3", "CS(C)=O"),
+        (
+            "JCP2022_085227",
+            "BSYNRYMUTXBXSQ-UHFFFAOYSA-N",
+            "InChI=1S/C9H8O4/c1-6(10)13-8-5-3-2-4-7(8)9(11)12/h2-5H,1H3,(H,11,12)",
+            "CC(=O)Oc1ccccc1C(=O)O",
+        ),
+        ("JCP2022_050797", "LFQSCWFLJHTTHZ-UHFFFAOYSA-N", "InChI=1S/C2H6O/c1-2-3/h3H,2H2,1H3", "CCO"),
+    ]
+    columns = ["Metadata_JCP2022", "Metadata_InChIKey", "Metadata_InChI", "Metadata_SMILES"]
+    pd.DataFrame(compounds, columns=columns).to_csv(root / f"compound{ext}", index=False)
     return root
 
 
-def test_jump_load_data_with_plate_maps(tmp_path, make_cfg):
-    from cellrep.data.shards.prepare import build_source
-
-    root = write_jump(tmp_path / "jump")
-    cfg = make_cfg(
+def jump_cfg(make_cfg, root, tmp_path, *overrides):
+    return make_cfg(
         "data=jump_load_data",
         f"data.root={root}",
         f"data.shards_dir={tmp_path}/shards",
         "data.tiff.path_prefixes=[[s3://cellpainting-gallery/,'']]",
+        *overrides,
         config_name="shard",
     )
-    src, _ = build_source(cfg.data, progress=False)
+
+
+@pytest.mark.parametrize(
+    "gzipped, batch_in_load_data",
+    [(True, False), (False, True)],
+    ids=["gzipped, batch from plate.csv", "plain, batch in load_data too"],
+)
+def test_jump_load_data_with_the_published_metadata_tables(tmp_path, make_cfg, gzipped, batch_in_load_data):
+    from cellrep.data.shards.prepare import build_source
+
+    root = write_jump(tmp_path / "jump", gzipped=gzipped, batch_in_load_data=batch_in_load_data)
+    src, _ = build_source(jump_cfg(make_cfg, root, tmp_path).data, progress=False)  # metadata: load_data.csv
     assert src.layout == "load_data" and src.channel_names == CHANNELS
     assert [(p["kind"], p["item"]) for p in src.problems] == [
-        ("image_without_metadata", "2021_04_26_Batch1_BR00117036_H24_2")
+        ("image_without_metadata", "2021_05_31_Batch2_BR00121331_H24_2")
     ]
     meta = src.metadata.set_index("site_id")
-    assert len(meta) == 16 and set(meta["plate"]) == {1, 2} and set(meta["experiment"]) == {"2021_04_26_Batch1"}
+    assert len(meta) == 24
+    assert meta.groupby("experiment")["plate"].unique().map(sorted).to_dict() == {
+        "2021_04_26_Batch1": [1, 2],
+        "2021_05_31_Batch2": [1],
+    }
     row = meta.loc["2021_04_26_Batch1_BR00117036_A02_2"]
     assert (row["plate"], row["perturbation"], row["perturbation_type"], row["cell_type"], row["smiles"]) == (
         2,
@@ -347,12 +366,13 @@ def test_jump_load_data_with_plate_maps(tmp_path, make_cfg):
         "U2OS",
         "CC(=O)Oc1ccccc1C(=O)O",
     )
-    ctrl = meta.loc["2021_04_26_Batch1_BR00117035_B01_1"]
-    assert (ctrl["well_type"], ctrl["perturbation_type"]) == ("negative_control", "control")
+    ctrl = meta.loc["2021_05_31_Batch2_BR00121331_B01_1"]
+    assert (ctrl["well_type"], ctrl["perturbation_type"], ctrl["smiles"]) == ("negative_control", "control", "CS(C)=O")
     manifest = write_shards(src, tmp_path / "shards", progress=False, max_bad_fraction=0.1)
     assert manifest["source"]["plate_names"] == {
         "2021_04_26_Batch1/1": "BR00117035",
         "2021_04_26_Batch1/2": "BR00117036",
+        "2021_05_31_Batch2/1": "BR00121331",
     }
     image = shard_members(tmp_path / "shards")["2021_04_26_Batch1_BR00117036_A02_2"][0]
     levels = manifest["source"]["levels"]["2021_04_26_Batch1/2"]
@@ -360,10 +380,25 @@ def test_jump_load_data_with_plate_maps(tmp_path, make_cfg):
     np.testing.assert_array_equal(image, np.stack([to_uint8(raw[c], "percentile", levels[c]) for c in range(5)]))
 
 
+def test_jump_plate_map_under_another_name_says_which_setting_to_fix(tmp_path, make_cfg):
+    from cellrep.data.shards.prepare import build_source
+
+    root = write_jump(tmp_path / "jump", gzipped=False)
+    (root / "well.csv").rename(root / "wells_source_4.csv")
+    cfg = jump_cfg(make_cfg, root, tmp_path)
+    with pytest.raises(CellrepError, match=r"plate_maps\[1\].*well\.csv\.gz is missing") as err:
+        build_source(cfg.data, progress=False)
+    assert "data.tiff.plate_maps[1].path" in err.value.fix and "data.metadata" not in err.value.fix
+    cfg = jump_cfg(make_cfg, root, tmp_path, "data.tiff.plate_maps.1.path=wells_source_4.csv")
+    assert len(build_source(cfg.data, progress=False)[0].metadata) == 24  # the fix it names works
+
+
 def test_five_channel_tiff_dataset_trains_with_in_chans_5(tmp_path, make_cfg):
     import torch
 
-    from cellrep.cli.train import build_datamodule, build_task, train
+    from cellrep.cli.train import train
+    from cellrep.data.loading.datamodule import CellDataModule
+    from cellrep.training.tasks import build_task
 
     root = write_tiffs(tmp_path / "screen", dtype=np.uint16)
     cfg = make_cfg(
@@ -387,6 +422,6 @@ def test_five_channel_tiff_dataset_trains_with_in_chans_5(tmp_path, make_cfg):
     assert metrics["dataset"] == "tiff" and metrics["num_classes"] == 5
     manifest = json.loads((root / "shards" / "manifest.json").read_text())
     assert manifest["image_shape"][0] == 5 and manifest["channel_names"] == list(CHANNELS)
-    task = build_task(cfg, build_datamodule(cfg, root / "shards"))
+    task = build_task(cfg, CellDataModule.from_config(root / "shards", cfg.data, cfg.split, cfg.seed))
     first_conv = next(m for m in task.modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.in_channels == 5

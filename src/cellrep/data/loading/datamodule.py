@@ -20,17 +20,17 @@ import cellrep  # noqa: F401  (before lightning imports torchvision)
 # isort: split
 import copy
 import logging
-from enum import Enum
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 
 from cellrep.data.loading.splits import assign_splits
 from cellrep.data.loading.streams import EvalLoader, EvalStream, TrainLoader, TrainStream
-from cellrep.data.loading.transforms import NORMALIZATIONS, BatchFinisher
+from cellrep.data.loading.transforms import BatchFinisher, check_normalization
 from cellrep.data.shards.writer import load_manifest, plate_key, read_index
 from cellrep.errors import CellrepError
 
@@ -39,11 +39,6 @@ STAGES = ("train", "val", "test")
 
 
 _SPLIT_KEYS = {"name", "test_fraction", "val_fraction", "holdout", "shots", "seed"}
-
-
-def _plain(v):
-    """Structured configs hand enums (SplitName.batch); the code wants their names."""
-    return v.name if isinstance(v, Enum) else v
 
 
 class CellDataModule(L.LightningDataModule):
@@ -67,9 +62,9 @@ class CellDataModule(L.LightningDataModule):
         augment_on_device: bool | None = None,
     ):
         super().__init__()
-        self.shards_dir, self.split = Path(shards_dir), {k: _plain(v) for k, v in dict(split).items()}
+        self.shards_dir, self.split = Path(shards_dir), dict(split)
         self.batch_size, self.num_workers, self.crop_size = int(batch_size), int(num_workers), int(crop_size)
-        self.normalization, self.label_column = str(_plain(normalization)), str(label_column)
+        self.normalization, self.label_column = str(normalization), str(label_column)
         self.expected_channels, self.seed = expected_channels, int(seed)
         self.shuffle_buffer, self.max_corrupt = max(int(shuffle_buffer), 1), int(max_corrupt)
         self.persistent_workers = persistent_workers
@@ -77,6 +72,24 @@ class CellDataModule(L.LightningDataModule):
         # training flips/rot90: in finish_batch on the device, or (CPU-only training) in the workers
         self.augment_on_device = torch.cuda.is_available() if augment_on_device is None else augment_on_device
         self.prepare()
+
+    @classmethod
+    def from_config(cls, shards_dir, data, split, seed: int, **loader) -> "CellDataModule":
+        """The datamodule of a run's ``data`` and ``split`` config nodes (training and evaluation alike);
+        ``loader`` overrides loader settings (evaluation: its own ``batch_size``/``num_workers``)."""
+        channels = data.channel_names or (data.synthetic.channel_names if data.get("synthetic") else None)
+        settings = {
+            "batch_size": data.batch_size,
+            "num_workers": data.num_workers,
+            "crop_size": data.crop_size,
+            "normalization": data.normalization,
+            "label_column": data.label_column,
+            "expected_channels": len(channels) if channels else None,
+            "max_corrupt": data.max_corrupt,
+            "augment_on_device": data.get("augment_on_device"),
+        }
+        split = split if isinstance(split, dict) else OmegaConf.to_container(split, resolve=True)
+        return cls(shards_dir, split=split, seed=seed, **{**settings, **loader})
 
     def prepare(self) -> None:
         """Load manifest + index, check them against the config, assign splits and labels."""
@@ -89,11 +102,7 @@ class CellDataModule(L.LightningDataModule):
                 f"{self.expected_channels}",
                 fix="set data.channel_names/model in_chans to match the shards, or re-shard the dataset",
             )
-        if self.normalization not in NORMALIZATIONS:
-            raise CellrepError(
-                f"unknown normalization '{self.normalization}'",
-                fix=f"set data.normalization to one of {list(NORMALIZATIONS)}",
-            )
+        check_normalization(self.normalization)
         if self.batch_size < 1:
             raise CellrepError(f"batch_size={self.batch_size}", fix="use a positive data.batch_size")
         if not 1 <= self.crop_size <= min(self.image_shape[1:]):
@@ -179,7 +188,7 @@ class CellDataModule(L.LightningDataModule):
         Lightning calls it after moving each batch to the device (:meth:`on_after_batch_transfer`); code
         that iterates this module's loaders itself calls it too (or the loader's ``finish_batch``, the
         same function), so every consumer sees the same values: per-sample :func:`normalize` with the
-        sample's plate statistics (DESIGN §2 Normalization), computed once per batch on the device.
+        sample's plate statistics (docs/data.md Normalization), computed once per batch on the device.
         """
         return self._finisher(batch)
 

@@ -1,4 +1,4 @@
-"""Train/val/test assignment of sites (DESIGN.md §2 "Splits").
+"""Train/val/test assignment of sites (docs/data.md "Splits").
 
 Every split first decides test vs. train; validation is then carved out of the
 training rows only (whole wells, so sites of one well never straddle
@@ -17,6 +17,21 @@ from cellrep.errors import CellrepError
 SPLITS = ("batch", "random", "cell_type", "official")
 
 
+def check_split(name: str, test_fraction: float, val_fraction: float, holdout: str | None, shots: int) -> None:
+    """The checks that need no data; ``cellrep.config.SplitConfig`` runs them at start, before any sharding."""
+    if name not in SPLITS:
+        raise CellrepError(f"unknown split '{name}'", fix=f"use split=<one of {list(SPLITS)}>")
+    if not 0.0 <= val_fraction < 1.0 or (name in ("batch", "random") and not 0.0 < test_fraction < 1.0):
+        raise CellrepError(
+            f"split fractions out of range (test_fraction={test_fraction}, val_fraction={val_fraction})",
+            fix="use 0 < split.test_fraction < 1 and 0 <= split.val_fraction < 1",
+        )
+    if name == "cell_type" and not holdout:
+        raise CellrepError("split 'cell_type' needs a held-out cell type", fix="add split.holdout=<cell type>")
+    if name == "cell_type" and shots < 0:
+        raise CellrepError(f"split.shots={shots}", fix="use shots >= 0")
+
+
 def assign_splits(
     index: pd.DataFrame,
     name: str,
@@ -28,13 +43,7 @@ def assign_splits(
     seed: int = 0,
 ) -> pd.Series:
     """Return "train"/"val"/"test" per row of ``index`` (same index)."""
-    if name not in SPLITS:
-        raise CellrepError(f"unknown split '{name}'", fix=f"use split=<one of {list(SPLITS)}>")
-    if not 0.0 <= val_fraction < 1.0 or (name in ("batch", "random") and not 0.0 < test_fraction < 1.0):
-        raise CellrepError(
-            f"split fractions out of range (test_fraction={test_fraction}, val_fraction={val_fraction})",
-            fix="use 0 < split.test_fraction < 1 and 0 <= split.val_fraction < 1",
-        )
+    check_split(name, test_fraction, val_fraction, holdout, shots)
     df = index.reset_index(drop=True)
     order = np.argsort(df["site_id"].astype(str).to_numpy(), kind="stable")
     df = df.iloc[order]  # canonical order: results do not depend on row order
@@ -85,8 +94,6 @@ def _random(df, rng, *, test_fraction, **_):
 
 
 def _cell_type(df, rng, *, holdout, shots, **_):
-    if not holdout:
-        raise CellrepError("split 'cell_type' needs a held-out cell type", fix="add split.holdout=<cell type>")
     held = (df["cell_type"].astype(str) == str(holdout)).to_numpy()
     if not held.any():
         raise CellrepError(
@@ -94,8 +101,6 @@ def _cell_type(df, rng, *, holdout, shots, **_):
             fix=f"use one of {sorted(df['cell_type'].astype(str).unique())}",
         )
     test = held.copy()
-    if shots < 0:
-        raise CellrepError(f"split.shots={shots}", fix="use shots >= 0")
     if shots and held.any():
         sub = df[held]
         for pert, pos in _groups(sub, "perturbation"):

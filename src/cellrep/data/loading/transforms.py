@@ -21,6 +21,14 @@ from cellrep.errors import CellrepError
 NORMALIZATIONS = ("plate_controls", "self", "global")
 
 
+def check_normalization(mode: str) -> None:
+    """Also run at start by ``cellrep.config.DataConfig``, so a typo fails before any sharding."""
+    if mode not in NORMALIZATIONS:
+        raise CellrepError(
+            f"unknown normalization '{mode}'", fix=f"set data.normalization to one of {list(NORMALIZATIONS)}"
+        )
+
+
 def _as_stats(stats, c: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     if stats is None:
         raise CellrepError(
@@ -61,8 +69,7 @@ def normalize(
         mean = x.mean(dim=(-2, -1), keepdim=True)
         std = x.std(dim=(-2, -1), keepdim=True, unbiased=False)
         return x.sub_(mean).div_(std.clamp_min(eps))
-    if mode not in NORMALIZATIONS:
-        raise CellrepError(f"unknown normalization '{mode}'", fix=f"use one of {list(NORMALIZATIONS)}")
+    check_normalization(mode)
     mean, std = _as_stats(stats, x.shape[-3], mode)
     return x.sub_(mean).div_(std.clamp_min(eps))
 
@@ -157,8 +164,7 @@ class BatchFinisher:
     """
 
     def __init__(self, mode: str, mean: torch.Tensor, std: torch.Tensor):
-        if mode not in NORMALIZATIONS:
-            raise CellrepError(f"unknown normalization '{mode}'", fix=f"use one of {list(NORMALIZATIONS)}")
+        check_normalization(mode)
         self.mode, self.mean, self.std = mode, mean.float(), std.float()
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -1,4 +1,4 @@
-"""Per-plate per-channel pixel statistics of a shards directory (DESIGN §2, "Shards").
+"""Per-plate per-channel pixel statistics of a shards directory (docs/data.md, "Shards").
 
 Owns the manifest's ``plate_stats`` (keyed by :func:`plate_key`) and
 ``global_stats``: mean and std per channel of each plate's negative-control

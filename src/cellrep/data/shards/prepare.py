@@ -3,7 +3,7 @@
 Several processes may ask for the same data at once (sweep points of a Hydra
 multirun, DDP ranks, two users of one cache). Generating and sharding then
 run under an inter-process lock (``fcntl.flock`` on a lock file beside the
-cache; DESIGN §7: a multirun is one job per sweep point, and they share the
+cache; (docs/architecture.md) a multirun is one job per sweep point, and they share the
 data cache): the first process does the work, the others wait and then find
 the cache complete and reuse it. The
 kernel releases the lock when its holder exits, so a killed run leaves no
@@ -15,7 +15,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -25,25 +26,18 @@ from cellrep.data.sources.base import ImageSource
 from cellrep.errors import CellrepError
 
 log = logging.getLogger(__name__)
-_HELD: dict[str, list[int]] = {}  # lock file -> [fd, depth]: re-entrant within one process
+SOURCES = ("synthetic", "rxrx1", "rxrx3_core", "tiff")  # the readers of build_source
 
 
 @contextmanager
 def cache_lock(path: Path, what: str, progress: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed, never deleted) across processes.
 
-    Blocks while another process holds it, saying so once. Re-entrant within a
-    process (``ensure_shards`` takes the screen's lock, then ``build_source`` again).
+    Blocks while another process holds it, saying so once. Not re-entrant: a second
+    ``cache_lock`` of the same file in one process waits for the first (flock locks
+    belong to the open file), so nothing here takes a lock it may already hold.
     """
     path = Path(path).expanduser().absolute()
-    key = str(path)
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -56,11 +50,7 @@ def cache_lock(path: Path, what: str, progress: bool = True) -> Iterator[None]:
             else:
                 log.info(msg)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        _HELD[key] = [fd, 1]
-        try:
-            yield
-        finally:
-            del _HELD[key]
+        yield
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
 
@@ -73,7 +63,7 @@ def _synthetic_spec(data_cfg: DictConfig):
 
 
 def _source_name(data_cfg: DictConfig) -> str:
-    return str(getattr(data_cfg.source, "name", data_cfg.source))
+    return str(data_cfg.source)
 
 
 def screen_lock_path(data_cfg: DictConfig) -> Path:
@@ -96,9 +86,32 @@ def _expected_channels(data_cfg: DictConfig) -> list[str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class PreparedShards:
+    """What ``ensure_shards`` made ready: the shards, and the folder of the dataset they came from."""
+
+    shards_dir: Path
+    dataset_root: Path | None  # the source's own folder (the synthetic screen's holds compound_targets.csv)
+
+
+def _screen_lock(data_cfg: DictConfig, progress: bool) -> AbstractContextManager[None]:
+    """The synthetic screen's lock, or nothing for a real source (its files are read, never written here)."""
+    if _source_name(data_cfg) != "synthetic" or data_cfg.root is None:
+        return nullcontext()
+    return cache_lock(
+        screen_lock_path(data_cfg), f"the synthetic screen under {Path(data_cfg.root).expanduser()}", progress
+    )
+
+
 def build_source(data_cfg: DictConfig, progress: bool = True) -> tuple[ImageSource, Path]:
-    """The source reader and the shards directory it belongs to."""
-    source_name = getattr(data_cfg.source, "name", data_cfg.source)
+    """The source reader and the shards directory it belongs to (a synthetic screen is generated if needed)."""
+    with _screen_lock(data_cfg, progress):
+        return _open_source(data_cfg, progress)
+
+
+def _open_source(data_cfg: DictConfig, progress: bool) -> tuple[ImageSource, Path]:
+    """``build_source`` without the lock: the caller holds the synthetic screen's lock."""
+    source_name = _source_name(data_cfg)
     channels = _expected_channels(data_cfg)
     expected = len(channels) if channels else None
     if data_cfg.root is None:
@@ -109,8 +122,7 @@ def build_source(data_cfg: DictConfig, progress: bool = True) -> tuple[ImageSour
         from cellrep.data.sources.synthetic import ensure_screen
 
         spec = _synthetic_spec(data_cfg)
-        with cache_lock(screen_lock_path(data_cfg), f"the synthetic screen under {root}", progress):
-            screen_dir = ensure_screen(spec, root, progress=progress)
+        screen_dir = ensure_screen(spec, root, progress=progress)
         source = RxRx1Source(screen_dir, channel_names=tuple(spec.channel_names), expected_channels=expected)
         default_shards = screen_dir / "shards"
     elif source_name == "rxrx1":
@@ -135,26 +147,24 @@ def build_source(data_cfg: DictConfig, progress: bool = True) -> tuple[ImageSour
 
         source = TiffPlateSource.from_config(root, data_cfg, progress=progress)
         default_shards = root / "shards"
-    else:  # the config schema's enum makes this unreachable from the CLI
-        raise CellrepError(
-            f"unknown data source '{source_name}'", fix="use data=synthetic, data=rxrx1, data=rxrx3_core or data=tiff"
-        )
+    else:  # cellrep.config checks data.source against SOURCES: unreachable from the CLI
+        raise CellrepError(f"unknown data source '{source_name}'", fix=f"use data=<one of {list(SOURCES)}>")
     shards_dir = Path(data_cfg.shards_dir).expanduser() if data_cfg.shards_dir else default_shards
     return source, shards_dir
 
 
-def ensure_shards(data_cfg: DictConfig, progress: bool = True) -> Path:
-    """Shard the configured dataset unless identical shards exist; return their directory.
+def ensure_shards(data_cfg: DictConfig, progress: bool = True) -> PreparedShards:
+    """Shard the configured dataset unless identical shards exist; return them and the dataset's folder.
 
     A second process asking for the same data meanwhile waits, then reuses it: the synthetic
     screen is generated and sharded under its screen's lock, and any source is sharded under
     the lock of its shards directory (always taken in that order, so two never deadlock).
-    Real sources are opened (and checked) before locking: a wrong data.root creates nothing."""
+    Real sources are opened (and checked) before locking: a wrong data.root creates nothing.
+    The source is opened once: callers needing its folder take ``dataset_root``."""
     from cellrep.data.shards.writer import write_shards
 
-    synthetic = _source_name(data_cfg) == "synthetic" and data_cfg.root is not None
-    with cache_lock(screen_lock_path(data_cfg), "the synthetic screen", progress) if synthetic else nullcontext():
-        source, shards_dir = build_source(data_cfg, progress=progress)
+    with _screen_lock(data_cfg, progress):
+        source, shards_dir = _open_source(data_cfg, progress)
         with cache_lock(shards_lock_path(shards_dir), f"the shards at {shards_dir}", progress):
             write_shards(
                 source,
@@ -164,4 +174,4 @@ def ensure_shards(data_cfg: DictConfig, progress: bool = True) -> Path:
                 progress=progress,
                 max_bad_fraction=data_cfg.get("max_bad_fraction", 0.01),
             )
-    return shards_dir
+    return PreparedShards(shards_dir, getattr(source, "root", None))

@@ -1,7 +1,7 @@
 """Bad input met while sharding: its summary, ``problems.json`` and the threshold.
 
-Owns the shard writer's bad-input report (DESIGN §7, "bad input never crashes
-silently"): a problem is a dict ``kind``, ``item``, ``detail`` — either listed by
+Owns the shard writer's bad-input report (docs/architecture.md, "Bad input": it never crashes
+silently): a problem is a dict ``kind``, ``item``, ``detail`` — either listed by
 a source while indexing (``source.problems``) or a site whose ``load`` raised
 :class:`~cellrep.data.sources.base.UnreadableSite`. :func:`check_bad_input` writes
 ``problems.json`` into the shards directory, logs a summary naming the items, and

@@ -7,7 +7,7 @@ screen adds ``perturbation_type``, ``concentration`` and ``target`` columns.
 Problems are found at construction (missing folders, wrong channel count), not
 ten thousand steps into training. A site whose PNG is missing, truncated or corrupt
 raises :class:`~cellrep.data.sources.base.UnreadableSite` from ``load``: the shard writer
-skips it, counts it and names it in its end-of-sharding summary (DESIGN §7).
+skips it, counts it and names it in its end-of-sharding summary (docs/architecture.md, "Bad input").
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _CHANNEL_FILE = re.compile(r"_w(\d+)\.png$")
 
 
 def _to_canonical(raw: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Map RxRx1 columns onto the canonical schema (DESIGN §2)."""
+    """Map RxRx1 columns onto the canonical schema (docs/data.md)."""
     sirna = raw["sirna"].astype("string").str.strip()
     well_type = raw["well_type"].astype("string").str.strip()
     is_control = sirna.isin([RXRX1_EMPTY, NEGATIVE_CONTROL]) | (sirna.isna() & (well_type == "negative_control"))

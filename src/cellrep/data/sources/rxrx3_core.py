@@ -14,7 +14,7 @@ metadata rows without images — is left out of ``metadata`` and listed in
 ``problems`` for the shard writer's summary; a jp2 that does not decode raises
 :class:`~cellrep.data.sources.base.UnreadableSite` (the site is skipped and counted).
 
-Metadata mapping (DESIGN §2): CRISPR wells are their gene (a ``_guide_N`` suffix
+Metadata mapping (docs/data.md): CRISPR wells are their gene (a ``_guide_N`` suffix
 is stripped: guides of one gene are one perturbation); compounds are their
 ``treatment`` name with ``concentration`` (µM) and ``SMILES``. ``EMPTY_control``
 (gene or treatment) and ``CRISPR_control`` (the untreated wells of compound

@@ -1,4 +1,4 @@
-"""The embedded default dataset: a small synthetic screen with known biology (DESIGN §4).
+"""The embedded default dataset: a small synthetic screen with known biology (docs/data.md).
 
 It is written in the RxRx1 on-disk format (``images/<exp>/Plate<p>/<well>_s<site>_w<c>.png``
 plus ``metadata.csv``), so the same reader, sharder and benchmarks run on it as on

@@ -1,6 +1,7 @@
 """Reader for TIFF plates: JUMP / Cell Painting Gallery and in-house screens.
 
-Three layouts, one metadata table (CSV; ``.tsv``/``.txt`` tab-separated):
+Three layouts, one metadata table (CSV; ``.tsv``/``.txt`` tab-separated; any of them gzipped,
+``.gz``; a table named ``x.csv.gz`` is also found as ``x.csv`` and the other way round):
 
 - ``per_channel``: one TIFF per channel, found by ``pattern`` (a ``str.format`` template
   over the metadata's own columns plus ``experiment, plate, well, site, channel`` (the
@@ -75,12 +76,25 @@ _TYPES = {t.lower(): t for t in PERTURBATION_TYPES}
 _FIELD = re.compile(r"\{([^{}:!]*)[^{}]*\}")
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _twin(path: Path) -> Path:
+    """``x.csv.gz`` for ``x.csv`` and the other way round."""
+    return path.with_suffix("") if path.suffix.lower() == ".gz" else path.with_name(path.name + ".gz")
+
+
+def _table_path(root: Path, name: str) -> Path:
+    """``root/name``, or its gzipped (or gunzipped) twin when only that one is there."""
+    path = root / name
+    return _twin(path) if not path.is_file() and _twin(path).is_file() else path
+
+
+def _read_table(path: Path, what: str = "metadata table", fix: str | None = None) -> pd.DataFrame:
     if not path.is_file():
         raise CellrepError(
-            f"metadata table {path} is missing", fix="set data.root and data.metadata (relative to root)"
+            f"{what} {path} is missing (so is {_twin(path).name})",
+            fix=fix or "set data.root and data.metadata (relative to root)",
         )
-    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]  # pandas gunzips by the name
+    sep = "\t" if suffixes and suffixes[-1] in (".tsv", ".txt") else ","
     return pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep)
 
 
@@ -120,11 +134,11 @@ class TiffPlateSource:
         self.rule, self.percentile, self.sample_sites = bit_depth_rule, tuple(percentile), int(sample_sites)
         self.max_value, self.shift = int(max_value), int(shift)
         self.num_workers, self.progress = int(num_workers), bool(progress)  # for compute_levels: not the result
-        meta_path = self.root / metadata
+        meta_path = _table_path(self.root, metadata)
         raw = _read_table(meta_path)
         digest = hashlib.sha256(meta_path.read_bytes())
-        for pm in plate_maps:
-            raw = self._join(raw, dict(pm), digest)
+        for i, pm in enumerate(plate_maps):
+            raw = self._join(raw, dict(pm), i, digest)
         self.layout = self._layout(layout, raw, pattern)
         self.pattern, self.problems, self._levels, self._plate_rows = pattern, [], {}, None
         self.columns, self.constants = dict(columns or {}), dict(constants or {})
@@ -158,8 +172,7 @@ class TiffPlateSource:
         from omegaconf import OmegaConf
 
         def plain(v):
-            v = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-            return getattr(v, "name", v)
+            return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
 
         t = {k: plain(v) for k, v in (data_cfg.get("tiff") or {}).items()}
         return cls(
@@ -178,18 +191,28 @@ class TiffPlateSource:
     def _problem(self, kind: str, item: str, detail: str = "") -> None:
         self.problems.append({"kind": kind, "item": str(item), "detail": detail})
 
-    def _join(self, raw: pd.DataFrame, pm: dict, digest) -> pd.DataFrame:
-        path = self.root / pm["path"]
-        table = _read_table(path)
+    def _join(self, raw: pd.DataFrame, pm: dict, i: int, digest) -> pd.DataFrame:
+        """Left-join plate map ``i``. A column both tables have keeps the metadata's values; the map's
+        goes in as ``<column>_platemap``, from the first map that has it (JUMP's tables all repeat
+        ``Metadata_Source``)."""
+        path = _table_path(self.root, pm["path"])
+        table = _read_table(
+            path,
+            what=f"plate map data.tiff.plate_maps[{i}]",
+            fix=f"set data.tiff.plate_maps[{i}].path to the table's name relative to data.root "
+            f"({self.root}); docs/data.md lists JUMP's",
+        )
         digest.update(path.read_bytes())
         on = list(pm.get("keys") or pm.get("on") or [c for c in table.columns if c in raw.columns])
         missing = [c for c in on if c not in raw.columns or c not in table.columns]
         if not on or missing:
             raise CellrepError(
                 f"plate map {path}: join column(s) {missing or 'none shared'} not in both tables",
-                fix=f"set data.tiff.plate_maps[].keys to columns of both ({list(table.columns)})",
+                fix=f"set data.tiff.plate_maps[{i}].keys to columns of both ({list(table.columns)})",
             )
-        return raw.merge(table.drop_duplicates(on), on=on, how="left", suffixes=("", "_platemap"))
+        repeated = [c for c in table.columns if c not in on and c in raw.columns and f"{c}_platemap" in raw.columns]
+        table = table.drop(columns=repeated).drop_duplicates(on)
+        return raw.merge(table, on=on, how="left", suffixes=("", "_platemap"))
 
     @staticmethod
     def _layout(layout: str, raw: pd.DataFrame, pattern: str | None) -> str:

@@ -29,7 +29,7 @@ class SupervisedTask(L.LightningModule):
     maps an index row to a group id (cell type) so test accuracy is also
     reported per group.
 
-    Knowledge priors (DESIGN §6), both optional: ``graph_loss``
+    Knowledge priors (docs/FEWSHOT.md), both optional: ``graph_loss``
     (``graph_contrastive`` or ``laplacian``, :mod:`cellrep.knowledge.graph_loss`)
     adds ``graph_weight`` × the loss on the pooled backbone features, given
     the perturbation graph ``graph_weights`` (classes × classes) and
