@@ -10,10 +10,12 @@ install:
 	$(INSTALL) torch==2.13.0
 	$(INSTALL) -e ".[dev,sweeps]"
 
-# Generate the synthetic screen (cached), shard it, train on held-out experiments
-# and on a random split, and print both accuracies side by side.
+# The main job (cellrep-mission, conf/mission.yaml): generate the synthetic screen (cached), shard it,
+# train on held-out experiments and on a random split, probe every block, embed with the best one,
+# batch-correct, run every benchmark, write one report (outputs/mission/<date>/<time>_<id>/report.md).
+# The demo budget: 3 epochs per training arm (cellrep-train's own default is 25).
 demo: install
-	cellrep-train -m split=batch,random
+	cellrep-mission 'train=["trainer.max_epochs=3"]'
 
 # ruff (lint + format, pyproject [tool.ruff]) and the layer rules (pyproject [tool.importlinter],
 # docs/architecture.md); `make format` applies ruff's fixes.

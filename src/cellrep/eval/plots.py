@@ -76,3 +76,45 @@ def dti_distribution(per_compound: pd.DataFrame, path: Path, variant: str = "max
     ax.set_title(f"zero-shot DTI{f' ({correction})' if correction else ''}, dashed: medians")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def mission_comparisons(comparisons: dict, path: Path) -> Path:
+    """cellrep-mission's three comparisons in one figure: held-out accuracy per split arm, recall per
+    correction (first source and threshold) and DTI median AP per correction, each against its baseline."""
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    acc = comparisons["accuracy"]
+    names = list(acc["arms"])
+    axes[0].bar(names, [np.nan if acc["arms"][n]["top1"] is None else acc["arms"][n]["top1"] for n in names])
+    if acc["chance"] is not None:
+        axes[0].axhline(acc["chance"], color="grey", ls="--", lw=1, label="chance")
+        axes[0].legend(fontsize=7)
+    axes[0].set_ylabel("held-out top-1")
+    axes[0].set_title("accuracy by split")
+
+    # the source with the most annotated pairs: the least noisy recall of the run
+    ran = [(s, e) for s, e in comparisons["recall"].items() if any("/" in k for k in e)]
+    recall = max(ran, key=lambda se: se[1].get("n_pairs") or 0, default=None)
+    if recall is not None:
+        source, entry = recall
+        key = next(k for k in entry if "/" in k)
+        corrs = [c for c in entry[key] if c != "random"]
+        axes[1].bar(corrs, [entry[key][c] for c in corrs])
+        axes[1].axhline(entry[key]["random"], color="grey", ls="--", lw=1, label="random")
+        axes[1].legend(fontsize=7)
+        axes[1].set_title(f"recall {source} at {key}")
+    else:
+        axes[1].set_title("recall: not run")
+
+    dti = {c: d for c, d in comparisons["dti"].items() if isinstance(d, dict)}
+    if dti:
+        x = np.arange(len(dti))
+        axes[2].bar(x - 0.2, [d["ap"] for d in dti.values()], 0.4, label="|cosine|")
+        axes[2].bar(x + 0.2, [d["random_ap"] for d in dti.values()], 0.4, color="grey", label="random scores")
+        axes[2].set_xticks(x, list(dti))
+        axes[2].legend(fontsize=7)
+        axes[2].set_title("zero-shot DTI median AP")
+    else:
+        axes[2].set_title("zero-shot DTI: not run")
+    for ax in axes[1:]:
+        ax.tick_params(axis="x", labelsize=8)
+    return _save(fig, path)

@@ -115,3 +115,199 @@ def write_markdown(
         md += ["## Benchmarks", "", "```", *benchmark_lines(metrics, skipped), "```", ""]
     md.append("All numbers are in `metrics.json`.")
     return atomic_write_text(path, "\n".join(md) + "\n")
+
+
+# --- cellrep-mission: the study's comparisons side by side (cellrep.cli.mission) ---------------------------------
+
+RAW = "none"  # the correction that leaves embeddings as they are
+
+
+def _label(correction: str) -> str:
+    return "raw" if correction == RAW else correction
+
+
+def _dti_summary(result: dict[str, Any]) -> dict[str, Any]:
+    d = result["max"]
+    return {
+        "n_compounds": result.get("n_compounds"),
+        "ap": d["ap"]["median"]["mean"],
+        "ap_std": d["ap"]["median"]["std"],
+        "random_ap": d["random_ap"]["median"]["mean"],
+        "random_ap_std": d["random_ap"]["median"]["std"],
+        "auc": d["auc"]["median"]["mean"],
+        "random_auc": d["random_auc"]["median"]["mean"],
+    }
+
+
+def mission_comparisons(arms: dict[str, dict[str, Any]], evaluated: str, eval_metrics: dict[str, Any]) -> dict:
+    """The papers' three comparisons as plain numbers (what ``metrics.json`` and the report's head show).
+
+    ``arms``: arm name → its training ``metrics.json``; ``eval_metrics``: the evaluation's.
+    - ``accuracy``: held-out top-1/top-5 per arm (each on its own split's test sites) and chance;
+    - ``recall``: source → threshold → correction → recall, plus ``random`` (the two tails' share);
+    - ``dti``: correction → median AP (max over doses) and the random-score AP on the same samples.
+    """
+    num_classes = arms[evaluated].get("num_classes")
+    accuracy = {
+        "arms": {
+            name: {
+                "split": m.get("split"),
+                "test_description": m.get("test_description"),
+                "top1": m.get("test/acc"),
+                "top5": m.get("test/acc_top5"),
+            }
+            for name, m in arms.items()
+        },
+        "chance": 1.0 / num_classes if num_classes else None,
+    }
+    benchmarks = eval_metrics.get("benchmarks", {})
+    recall: dict[str, dict[str, Any]] = {}
+    dti: dict[str, Any] = {}
+    for corr, result in benchmarks.items():
+        for source, r in result.get("recall", {}).items():
+            entry = recall.setdefault(source, {})
+            if "skipped" in r:
+                entry["skipped"] = r["skipped"]
+                continue
+            entry["n_pairs"] = r.get("n_pairs")
+            for key in (k for k in r if "/" in k):
+                lo, hi = (float(v) for v in key.split("/"))
+                entry.setdefault(key, {"random": round(lo + 1 - hi, 6)})[corr] = r[key]
+        if "dti" in result:
+            dti[corr] = _dti_summary(result["dti"])
+    skipped = eval_metrics.get("skipped", {})
+    if not dti and "dti" in skipped:
+        dti["skipped"] = skipped["dti"]
+    return {"accuracy": accuracy, "recall": recall, "dti": dti, "evaluated_arm": evaluated}
+
+
+def mission_head_lines(comparisons: dict[str, Any]) -> list[str]:
+    """One line per comparison, the numbers side by side with their baseline (the report's first lines)."""
+    acc = comparisons["accuracy"]
+    arms = ", ".join(
+        f"{name} ({a['test_description'] or a['split']}) {_f(a['top1'])}" for name, a in acc["arms"].items()
+    )
+    lines = [f"- held-out top-1 by split: {arms}; chance {_f(acc['chance'])}"]
+    for source, entry in comparisons["recall"].items():
+        if "skipped" in entry and len(entry) == 1:
+            lines.append(f"- recall {source}: skipped ({entry['skipped']})")
+            continue
+        for key in (k for k in entry if "/" in k):
+            values = " vs ".join(f"{_label(c)} {_f(v)}" for c, v in entry[key].items() if c != "random")
+            lines.append(
+                f"- recall {source} at {key} ({entry['n_pairs']} pairs): {values}; random {_f(entry[key]['random'])}"
+            )
+            break  # the first threshold here; every threshold is in the benchmark table
+    dti = comparisons["dti"]
+    if "skipped" in dti:
+        lines.append(f"- zero-shot DTI: skipped ({dti['skipped']})")
+    elif dti:
+        n = next(iter(dti.values()))["n_compounds"]
+        values = ", ".join(f"{_label(c)} {_f(d['ap'])} vs random {_f(d['random_ap'])}" for c, d in dti.items())
+        lines.append(f"- zero-shot DTI median AP ({n} compounds, max over doses): {values}")
+    return lines
+
+
+def benchmark_rows(metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): every benchmark number, one column per correction, then its baseline."""
+    corrections = list(metrics)
+    rows: dict[str, dict[str, str]] = {}
+
+    def put(name: str, corr: str, value: Any, baseline: str = "") -> None:
+        row = rows.setdefault(name, {"baseline": baseline})
+        row[corr] = _f(value) if not isinstance(value, str) else value
+
+    for corr, result in metrics.items():
+        for source, r in result.get("recall", {}).items():
+            if "skipped" in r:
+                put(f"recall {source}", corr, "skipped")
+                continue
+            for key in (k for k in r if "/" in k):
+                lo, hi = (float(v) for v in key.split("/"))
+                put(f"recall {source} at {key} ({r['n_pairs']} pairs)", corr, r[key], f"random {lo + 1 - hi:.3f}")
+        if "consistency" in result:
+            c = result["consistency"]
+            for key in (k for k in c if k.startswith("frac_p_lt_")):
+                alpha = key.removeprefix("frac_p_lt_")
+                put(f"consistency: share with p<{alpha}", corr, c[key], f"null {float(alpha):.3f}")
+            put("consistency: median replicate cosine", corr, c["median_cosine"])
+        if "dti" in result:
+            d = _dti_summary(result["dti"])
+            put(f"DTI median AP ({d['n_compounds']} compounds)", corr, d["ap"], f"random {_f(d['random_ap'])}")
+            put("DTI median ROC AUC", corr, d["auc"], f"random {_f(d['random_auc'])}")
+        if "classification" in result:
+            c = result["classification"]
+            put(f"classification top-1 ({c['n_classes']} classes)", corr, c["top1"], f"chance {_f(c['chance'])}")
+            put("classification top-5", corr, c["top5"])
+    header = ["benchmark", *(_label(c) for c in corrections), "baseline"]
+    return header, [[name, *(r.get(c, "") for c in corrections), r["baseline"]] for name, r in rows.items()]
+
+
+def write_mission_markdown(
+    path: Path,
+    head: list[str],
+    metrics: dict[str, Any],
+    probe: pd.DataFrame | None,
+    baseline: dict[str, Any] | None,
+    plots: dict[str, Path],
+) -> Path:
+    """The mission's ``report.md``: the comparisons first, then the probe table (with the intensity
+    baseline row), every benchmark per correction, the plots and where each step's outputs are."""
+    root = Path(path).parent
+    md = [f"# cellrep mission: {metrics.get('model')} on {metrics.get('dataset')} (seed {metrics.get('seed')})", ""]
+    md += [*head, ""]
+    if "comparisons" in plots:
+        md += [f"![comparisons]({Path(plots['comparisons']).relative_to(root)})", ""]
+    md += [f"## Linear probes per block ({metrics.get('evaluate_arm')} model)", ""]
+    if probe is not None and len(probe):
+        best = metrics["probe"]["best_block"]
+        rows = [
+            [
+                f"**{r.block}**" if r.block == best else str(r.block),
+                str(r.dim),
+                f"{r.best_lr:g}",
+                _f(r.val_acc),
+                _f(r.test_acc),
+                _f(r.test_acc_top5),
+            ]
+            for r in probe.itertuples()
+        ]
+        if baseline:
+            rows.append(
+                [
+                    "intensity statistics (baseline)",
+                    str(baseline["dim"]),
+                    f"{baseline['best_lr']:g}",
+                    _f(baseline["val_acc"]),
+                    _f(baseline["test_acc"]),
+                    _f(baseline["test_acc_top5"]),
+                ]
+            )
+        md += [
+            f"Best block (validation): **{best}**, used for the embeddings; chance "
+            f"{float(probe['chance'].iloc[0]):.3f}. The baseline row probes per-channel mean and std per site "
+            "in units of the plate's negative controls.",
+            "",
+            *_md_table(["block", "dim", "lr", "val", "held-out top-1", "top-5"], rows),
+            "",
+        ]
+    else:
+        md += ["(no probe: the evaluation did not run with block=best)", ""]
+    if metrics.get("benchmarks"):
+        header, rows = benchmark_rows(metrics["benchmarks"])
+        md += [f"## Benchmarks, raw and corrected (block {metrics.get('block')})", "", *_md_table(header, rows), ""]
+    for name, why in (metrics.get("skipped") or {}).items():
+        md.append(f"- skipped {name}: {why}")
+    md.append("")
+    for key, title in (("probe", "Probe accuracy per block"), ("recall", "Recall"), ("dti", "Zero-shot DTI")):
+        if key in plots:
+            md += [f"![{title}]({Path(plots[key]).relative_to(root)})", ""]
+    md += ["## Runs", ""]
+    md += [
+        f"- {name}: `{Path(d).relative_to(root) if Path(d).is_relative_to(root) else d}`"
+        for name, d in metrics["runs"].items()
+    ]
+    seconds = metrics.get("seconds", {})
+    md += ["", "Seconds per step: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), ""]
+    md.append("All numbers are in `metrics.json`.")
+    return atomic_write_text(path, "\n".join(md) + "\n")
