@@ -8,14 +8,14 @@ INSTALL := $(PIP) install -q -c constraints-cpu.txt
 
 install:
 	$(INSTALL) torch==2.13.0
-	$(INSTALL) -e ".[dev,sweeps]"
+	$(INSTALL) -e ".[dev,sweeps,harmony]"
 
 # The main job (cellrep-mission, conf/mission.yaml): generate the synthetic screen (cached), shard it,
 # train on held-out experiments and on a random split, probe every block, embed with the best one,
 # batch-correct, run every benchmark, write one report (outputs/mission/<date>/<time>_<id>/report.md).
-# The demo budget: 3 epochs per training arm (cellrep-train's own default is 25).
+# The demo budget (conf/mission.yaml `train`): resnet10t, 10 epochs per training arm.
 demo: install
-	cellrep-mission 'train=["trainer.max_epochs=3"]'
+	cellrep-mission
 
 # ruff (lint + format, pyproject [tool.ruff]) and the layer rules (pyproject [tool.importlinter],
 # docs/architecture.md); `make format` applies ruff's fixes.

@@ -65,7 +65,10 @@ def seed_row(metrics: dict, untrained: float) -> dict[str, float]:
     row = {
         "batch top-1": c["accuracy"]["arms"]["batch"]["top1"],
         "random top-1": c["accuracy"]["arms"]["random"]["top1"],
-        "probe best block": max(blk["test_acc"] for blk in metrics["probe"]["blocks"]),
+        # the block chosen on validation rows, as the report uses it (a max over test rows would peek)
+        "probe best block": next(
+            blk["test_acc"] for blk in metrics["probe"]["blocks"] if blk["block"] == metrics["probe"]["best_block"]
+        ),
         "untrained best block": untrained,
         "intensity baseline": metrics["baseline"]["intensity"]["test_acc"],
     }

@@ -37,23 +37,29 @@ def _at_least(key: str, value: float, least: float) -> None:
 
 @dataclass
 class SyntheticScreenConfig:
+    # Defaults: the realistic screen (docs/data.md, "The synthetic screen"); debug=tiny shrinks it.
     seed: int = 0
     cell_types: list[str] = field(default_factory=lambda: ["HUVEC", "RPE"])
     experiments_per_cell_type: int = 4
-    plates_per_experiment: int = 1
-    sites_per_well: int = 2
-    image_size: int = 64
+    plates_per_experiment: int = 3
+    sites_per_well: int = 3
+    image_size: int = 40
     channel_names: list[str] = field(default_factory=lambda: list(RXRX1_CHANNELS))
-    num_modules: int = 6
+    num_modules: int = 25
     genes_per_module: int = 4
     annotation_source: str = "StringDB"
-    num_compounds: int = 6
+    num_compounds: int = 12
     concentrations: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])
-    control_wells_per_plate: int = 4
+    control_wells_per_plate: int = 8  # EMPTY_control wells per plate
+    crispr_control_wells_per_plate: int = 8  # CRISPR_control wells per plate (also negative controls)
+    positive_controls: int = 3  # positive-control perturbations, one well each on every plate
+    gene_perturbation_type: str = "CRISPR"  # or siRNA
     effect_strength: float = 1.0
     batch_effect_strength: float = 1.0
     module_similarity: float = 0.6  # cosine between phenotypes of two genes of one module
-    gene_groups: int = 1  # >=2: plate p holds gene group (p-1) mod gene_groups (RxRx1-style plate groups)
+    gene_groups: int = 4  # each plate holds one of these disjoint gene groups (RxRx1-style plate groups)
+    rotate_groups: bool = True  # groups move one plate per experiment: genes miss some experiments
+    slot_drift: float = 2.0  # plate-slot morphology shift of plates >= 2 (debug=tiny: 6.0)
 
 
 @dataclass
@@ -339,8 +345,17 @@ class PathsConfig:
 # logger, paths) keep their own schemas above.
 # ---------------------------------------------------------------------------
 
-BENCHMARKS = ("recall", "consistency", "dti", "classification")
-CORRECTIONS = ("none", "pca_centerscale", "tvn")
+BENCHMARKS = (
+    "recall",
+    "consistency",
+    "dti",
+    "classification",
+    "map_activity",
+    "map_consistency",
+    "magnitude",
+    "correction_scores",
+)
+CORRECTIONS = ("none", "pca_centerscale", "tvn", "sphering", "harmony")
 
 
 @dataclass
@@ -404,6 +419,104 @@ class DTIConfig:
 @dataclass
 class ClassificationConfig:
     plate_groups: bool = True
+    knn: bool = True  # also 1-nearest-neighbour (cosine) accuracy and macro-F1 on the held-out wells
+
+
+def _map_common(key: str, null_size: int, threshold: float) -> None:
+    _at_least(f"{key}.null_size", null_size, 100)
+    if not 0.0 < threshold < 1.0:
+        raise CellrepError(f"{key}.threshold={threshold} is not in (0, 1)", fix=f"use e.g. {key}.threshold=0.05")
+
+
+@dataclass
+class MapActivityConfig:
+    """copairs mAP of each perturbation's replicates against the negative controls (docs/benchmarks.md)."""
+
+    null_size: int = 10000  # permutations of the copairs null per (positives, total) configuration
+    threshold: float = 0.05  # retrieved: BH-corrected p below this
+    pos_sameby: list[str] = field(default_factory=list)  # besides the perturbation label
+    pos_diffby: list[str] = field(default_factory=lambda: ["plate_key"])  # replicates from other plates
+    neg_sameby: list[str] = field(default_factory=lambda: ["plate_key"])  # controls of the query's plate
+    neg_diffby: list[str] = field(default_factory=list)  # besides "is a control, other label"
+    shuffled_baseline: bool = True
+
+    def __post_init__(self) -> None:
+        _map_common("benchmarks.map_activity", self.null_size, self.threshold)
+
+
+@dataclass
+class MapConsistencyConfig:
+    """copairs mAP of perturbation-level profiles sharing a target or an annotated relationship."""
+
+    sources: list[str] = field(default_factory=lambda: ["StringDB", "HuMAP", "Reactome"])
+    targets: str = "auto"  # auto: the DTI table (benchmarks.dti.targets) when found, else target_column
+    target_column: str = "target"  # metadata column of compound targets ("A|B" for several)
+    positive_nM: float = 1000.0  # a DTI-table gene is a target at activity <= this
+    dose: str = "highest"  # compound profile: its highest concentration, or all (mean over doses)
+    include_genes: bool = True  # a compound and its target gene's profile are positives too
+    max_profiles: int = 500  # per part; copairs' multilabel pairing is quadratic in the profiles
+    null_size: int = 10000
+    threshold: float = 0.05
+    shuffled_baseline: bool = True
+
+    def __post_init__(self) -> None:
+        _map_common("benchmarks.map_consistency", self.null_size, self.threshold)
+        _one_of("benchmarks.map_consistency.dose", self.dose, ("highest", "all"))
+        _at_least("benchmarks.map_consistency.max_profiles", self.max_profiles, 3)
+
+
+@dataclass
+class MagnitudeConfig:
+    """Energy distance of a perturbation's wells to the same batches' controls, permutation null."""
+
+    null_samples: int = 1000
+    alpha: float = 0.05
+    max_controls: int = 200  # controls per batch used (a seeded subsample above this)
+
+    def __post_init__(self) -> None:
+        _at_least("benchmarks.magnitude.null_samples", self.null_samples, 10)
+        _at_least("benchmarks.magnitude.max_controls", self.max_controls, 2)
+
+
+@dataclass
+class CorrectionScoresConfig:
+    """Batch removal vs biology conserved per correction (Arevalo et al. 2024), docs/benchmarks.md."""
+
+    batch_weight: float = 0.4  # overall = batch_weight·batch + (1 − batch_weight)·biology
+    max_wells: int = 3000  # silhouettes, kNN graph and PCR on a seeded subsample of this many wells
+    knn: int = 15  # neighbours of the graph-connectivity graph
+    lisi_perplexity: float = 30.0  # iLISI: 3·perplexity neighbours, kernel entropy log(perplexity)
+    pcr_components: int = 50
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.batch_weight <= 1.0:
+            raise CellrepError(
+                f"benchmarks.correction_scores.batch_weight={self.batch_weight} is not in [0, 1]",
+                fix="use e.g. benchmarks.correction_scores.batch_weight=0.4",
+            )
+        _at_least("benchmarks.correction_scores.max_wells", self.max_wells, 10)
+        _at_least("benchmarks.correction_scores.knn", self.knn, 1)
+        _at_least("benchmarks.correction_scores.lisi_perplexity", self.lisi_perplexity, 1)
+        _at_least("benchmarks.correction_scores.pcr_components", self.pcr_components, 1)
+
+
+@dataclass
+class CorrectionConfig:
+    """Settings of the batch corrections that have any (docs/benchmarks.md "Batch correction")."""
+
+    sphering_reg: float = 0.01  # ZCA ridge, as a fraction of the mean control variance
+    harmony_pcs: int = 50  # harmony runs on this many principal components of the center-scaled wells
+    harmony_theta: float = 2.0  # diversity penalty (harmonypy's default)
+    harmony_sigma: float = 0.1  # soft-clustering bandwidth (harmonypy's default); see docs for separated batches
+    harmony_max_iter: int = 10
+
+    def __post_init__(self) -> None:
+        if self.sphering_reg <= 0:
+            raise CellrepError(f"correction.sphering_reg={self.sphering_reg} must be > 0", fix="use e.g. 0.01")
+        _at_least("correction.harmony_pcs", self.harmony_pcs, 2)
+        _at_least("correction.harmony_max_iter", self.harmony_max_iter, 1)
+        if self.harmony_sigma <= 0:
+            raise CellrepError(f"correction.harmony_sigma={self.harmony_sigma} must be > 0", fix="use e.g. 0.1")
 
 
 @dataclass
@@ -437,7 +550,8 @@ class EvalRunConfig(ProbeRunConfig):
     )
     block: str = "best"  # an index, a block name, "last", or "best" (probe, or probe_results)
     probe_results: Optional[str] = None  # probe.json of a cellrep-probe run, for block=best
-    corrections: list[str] = field(default_factory=lambda: list(CORRECTIONS))
+    corrections: list[str] = field(default_factory=lambda: ["none", "pca_centerscale", "tvn"])
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)  # sphering / harmony settings
     write_corrected: bool = True
     benchmarks: Any = None
     task: dict[str, Any] = field(default_factory=lambda: {"name": "eval"})
@@ -484,6 +598,10 @@ def register_configs() -> None:
         ("consistency", ConsistencyConfig),
         ("dti", DTIConfig),
         ("classification", ClassificationConfig),
+        ("map_activity", MapActivityConfig),
+        ("map_consistency", MapConsistencyConfig),
+        ("magnitude", MagnitudeConfig),
+        ("correction_scores", CorrectionScoresConfig),
     ):
         cs.store(name=f"schema_{name}", node={name: node})  # benchmarks/<name>.yaml: benchmarks.<name>
 

@@ -57,7 +57,7 @@ def test_synthetic_context_is_deterministic_per_cell_type(tmp_path):
     again = synthetic_context({**spec, "cell_types": ["RPE", "HUVEC", "U2OS"]})
     np.testing.assert_allclose(table.loc["RPE"], again.loc["RPE"])  # keyed by name, not by position
     assert not np.allclose(table.loc["RPE"], table.loc["HUVEC"])
-    assert table.shape == (2, 9 + 2 * 3) and "nucleus_size" in table.columns
+    assert table.shape == (2, 10 + 2 * 3) and "nucleus_size" in table.columns  # 10 global parameters
     assert not np.allclose(synthetic_context({**spec, "seed": 1}).loc["RPE"], table.loc["RPE"])
     path = write_context(table, tmp_path / "ctx.csv")
     np.testing.assert_allclose(context_matrix(path, ["RPE"])[0], table.loc["RPE"], rtol=1e-5)

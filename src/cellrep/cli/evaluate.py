@@ -74,13 +74,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     benchmarks = OmegaConf.to_container(cfg.benchmarks, resolve=True) if cfg.benchmarks else {}
     targets, why = (None, None)
-    if "dti" in benchmarks:
-        targets, why = resolve_targets(str(benchmarks["dti"]["targets"]), search)
-    suite = run_suite(emb, list(cfg.corrections), benchmarks, probe_settings(cfg), targets, why, cfg.progress)
+    for name in ("dti", "map_consistency"):  # both read the drug-target table (the same targets= setting)
+        if name in benchmarks and targets is None and why is None:
+            targets, why = resolve_targets(str(benchmarks[name].get("targets", "auto")), search)
+    suite = run_suite(
+        emb,
+        list(cfg.corrections),
+        benchmarks,
+        probe_settings(cfg),
+        targets,
+        why,
+        cfg.progress,
+        correction_settings=OmegaConf.to_container(cfg.correction, resolve=True) if cfg.get("correction") else None,
+    )
     if cfg.write_corrected:
         for method, corrected in suite.corrected.items():
             if method != "none":
                 corrected.write_parquet(run.path / f"embeddings_{method}.parquet")
+    emb.write_h5ad(run.path / "embeddings.h5ad", {m: c for m, c in suite.corrected.items() if m != "none"})
+    plot_files.update({k: p for k, p in suite.write_tables(run.path).items() if p.suffix == ".png"})
 
     if any("recall" in m for m in suite.metrics.values()):
         plot_files["recall"] = plots.recall_bars(suite.metrics, run.path / "recall.png")

@@ -11,6 +11,13 @@ biology of treated wells cannot leak into it:
   standardize by the pooled controls again, then per batch multiply by
   ``(Cov(batch controls, ddof=1) + 0.5·I)^(-1/2)`` (CORAL).
 
+- ``sphering`` — ZCA whitening fit on the control wells of all batches (the JUMP pipelines'
+  sphering): ``(X − mean(controls)) · (Cov(controls, ddof=1) + λ·I)^(-1/2)``, with the ridge
+  ``λ = sphering_reg · trace(Cov)/D`` (a fraction of the mean control variance);
+- ``harmony`` — harmonypy's Harmony (Korsunsky et al. 2019) on the principal components of the
+  pooled-control center-scaled wells. Harmony is the one method fit on every well (its soft
+  clusters need them); it uses the batch labels only, never the perturbations.
+
 Standardization uses the population std (ddof=0) like scikit-learn's
 ``StandardScaler``, and like it leaves a zero-variance dimension unscaled.
 "All components" means every component with non-zero variance: with fewer
@@ -20,13 +27,33 @@ embedding, and a component without control variance cannot be standardized.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import numpy as np
 
 from cellrep.errors import CellrepError
 from cellrep.eval.embeddings import Embeddings
 
-METHODS = ("none", "pca_centerscale", "tvn")
+log = logging.getLogger(__name__)
+METHODS = ("none", "pca_centerscale", "tvn", "sphering", "harmony")
 CORAL_RIDGE = 0.5  # the 0.5·I added to each batch's control covariance (docs/benchmarks.md)
+
+
+@dataclass(frozen=True)
+class CorrectionSettings:
+    """The settings of the methods that have any (``correction.*`` of the eval config; docs/benchmarks.md)."""
+
+    sphering_reg: float = 0.01
+    harmony_pcs: int = 50
+    harmony_theta: float = 2.0
+    harmony_sigma: float = 0.1
+    harmony_max_iter: int = 10
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict | None, seed: int = 0) -> "CorrectionSettings":
+        return cls(**{**(values or {}), "seed": seed})
 
 
 def center_scale(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -62,15 +89,19 @@ def coral(z: np.ndarray, batch: np.ndarray, control: np.ndarray, ridge: float = 
     (the identity part covers the D−k directions the controls do not span). Cost
     O(n²·D + rows·D·k) per batch instead of O(D³): seconds, not minutes, at screen scale.
     """
-    out = z / np.sqrt(ridge)
+    out = np.empty_like(z)
     for b in np.unique(batch):
         rows = np.flatnonzero(batch == b)
-        ctrl = z[rows[control[rows]]]
-        centred = (ctrl - ctrl.mean(axis=0)) / np.sqrt(max(len(ctrl) - 1, 1))
-        _, s, vt = np.linalg.svd(centred, full_matrices=False)
-        d = 1.0 / np.sqrt(s**2 + ridge) - 1.0 / np.sqrt(ridge)
-        out[rows] += ((z[rows] @ vt.T) * d) @ vt
+        out[rows] = ridge_inverse_sqrt_apply(z[rows], z[rows[control[rows]]], ridge)
     return out
+
+
+def ridge_inverse_sqrt_apply(x: np.ndarray, ref: np.ndarray, ridge: float) -> np.ndarray:
+    """``x @ (Cov(ref, ddof=1) + ridge·I)^(-1/2)`` from the thin SVD of the centred ``ref`` rows (see :func:`coral`)."""
+    centred = (ref - ref.mean(axis=0)) / np.sqrt(max(len(ref) - 1, 1))
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    d = 1.0 / np.sqrt(s**2 + ridge) - 1.0 / np.sqrt(ridge)
+    return x / np.sqrt(ridge) + ((x @ vt.T) * d) @ vt
 
 
 def _check_controls(batch: np.ndarray, control: np.ndarray, method: str, minimum: int) -> None:
@@ -107,12 +138,64 @@ def tvn(x: np.ndarray, batch: np.ndarray, control: np.ndarray) -> np.ndarray:
     return coral(z, batch, control)
 
 
-def correct(emb: Embeddings, method: str) -> Embeddings:
+def sphering(x: np.ndarray, control: np.ndarray, reg: float = 0.01) -> np.ndarray:
+    """docs/benchmarks.md: ZCA whitening fit on all control wells,
+    ``(X − μ_c) · (Cov_c + λ·I)^(-1/2)`` with ``λ = reg · trace(Cov_c)/D`` (exact, from the thin SVD)."""
+    if int(control.sum()) < 2:
+        raise CellrepError(
+            f"batch correction 'sphering' needs at least 2 negative-control wells, got {int(control.sum())}",
+            fix="mark control wells with well_type=negative_control, or use correction none",
+        )
+    ref = x[control]
+    mean = ref.mean(axis=0)
+    total_var = float(ref.var(axis=0, ddof=1).sum())
+    ridge = reg * max(total_var / x.shape[1], 1e-12)
+    return ridge_inverse_sqrt_apply(x - mean, ref - mean, ridge)
+
+
+def harmony(x: np.ndarray, batch: np.ndarray, control: np.ndarray, settings: CorrectionSettings) -> np.ndarray:
+    """docs/benchmarks.md: harmonypy on the first ``harmony_pcs`` principal components of the wells
+    center-scaled on the pooled controls; returns the corrected components."""
+    try:
+        import harmonypy
+    except ImportError:
+        raise CellrepError(
+            "batch correction 'harmony' needs the harmonypy package (GPL-3.0, an optional extra)",
+            fix="pip install 'cellrep[harmony]' (or pip install harmonypy), or drop harmony from corrections",
+        ) from None
+    if len(np.unique(batch)) < 2:
+        log.warning("harmony: a single experiment; nothing to integrate, returning the principal components")
+    z = center_scale(x, control) if int(control.sum()) >= 2 else x - x.mean(axis=0)
+    mean, axes = pca_fit(z)
+    pcs = (z - mean) @ axes[: settings.harmony_pcs].T
+    if len(np.unique(batch)) < 2:
+        return pcs
+    logging.getLogger("harmonypy").setLevel(logging.WARNING)
+    ho = harmonypy.run_harmony(
+        pcs,
+        {"batch": batch},
+        ["batch"],
+        theta=settings.harmony_theta,
+        sigma=settings.harmony_sigma,
+        max_iter_harmony=settings.harmony_max_iter,
+        random_state=settings.seed,
+        verbose=False,
+    )
+    out = np.asarray(ho.Z_corr, dtype=np.float64)
+    return out.T if out.shape[0] != len(x) else out
+
+
+def correct(emb: Embeddings, method: str, settings: CorrectionSettings | None = None) -> Embeddings:
     """Apply one of :data:`METHODS` to well embeddings (computed in float64, stored as float32)."""
     if method not in METHODS:
         raise CellrepError(f"unknown batch correction '{method}'", fix=f"use one of {list(METHODS)}")
     if method == "none":
         return emb
+    settings = settings or CorrectionSettings()
     x = emb.features.astype(np.float64)
+    if method == "sphering":
+        return emb.with_features(sphering(x, emb.is_control, settings.sphering_reg))
+    if method == "harmony":
+        return emb.with_features(harmony(x, emb.batch, emb.is_control, settings))
     fn = pca_centerscale if method == "pca_centerscale" else tvn
     return emb.with_features(fn(x, emb.batch, emb.is_control))

@@ -11,7 +11,9 @@ before a benchmark ever sees them.
 from __future__ import annotations
 
 import io
+import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +117,39 @@ class Embeddings:
         self.to_frame().to_parquet(buf, index=False)
         return atomic_write_bytes(path, buf.getvalue())
 
+    def write_h5ad(self, path: Path | str, corrected: dict[str, "Embeddings"] | None = None) -> Path:
+        """AnnData interchange (docs/benchmarks.md "Embeddings"): ``obs`` = the metadata, ``X`` = these
+        features, ``obsm["X_<method>"]`` = each corrected table (same wells, same order).
+
+        Written to a temporary file beside ``path`` and renamed into place, like every other output.
+        """
+        import anndata
+
+        obs = self.meta.copy()
+        for col in obs.columns:  # h5ad stores strings or numbers; mixed object columns become strings
+            if obs[col].dtype == object:
+                obs[col] = obs[col].map(lambda v: "" if v is None or (isinstance(v, float) and v != v) else str(v))
+        obs.index = [str(i) for i in range(len(obs))]
+        adata = anndata.AnnData(X=self.features, obs=obs)
+        for method, other in (corrected or {}).items():
+            if method == "none":
+                continue
+            if len(other) != len(self):
+                raise CellrepError(
+                    f"corrected table '{method}' has {len(other)} wells, the embeddings {len(self)}",
+                    fix="pass corrections of these same wells",
+                )
+            adata.obsm[f"X_{method}"] = other.features
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            adata.write_h5ad(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
 
 def aggregate_wells(features: np.ndarray, sites: pd.DataFrame) -> Embeddings:
     """Mean of site features per well (docs/benchmarks.md "Embeddings": per site, mean-aggregated per well).
@@ -166,6 +201,28 @@ def split_frame(frame: pd.DataFrame, source: str) -> tuple[pd.DataFrame, np.ndar
     return meta, feats
 
 
+def read_h5ad(path: Path, representation: str | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """(obs, X) of an AnnData file, or (obs, obsm[representation]) when one is named."""
+    import anndata
+
+    try:
+        adata = anndata.read_h5ad(path)
+    except Exception as exc:  # noqa: BLE001 — any h5py/anndata failure is a bad file to the user
+        raise CellrepError(f"cannot read {path} as h5ad: {exc}", fix="give an AnnData .h5ad file") from None
+    if representation is None:
+        x = adata.X
+    elif representation in adata.obsm:
+        x = adata.obsm[representation]
+    else:
+        raise CellrepError(
+            f"{path} has no obsm['{representation}'] (has {list(adata.obsm.keys())})",
+            fix="name one of those, or none for X",
+        )
+    if hasattr(x, "toarray"):
+        x = x.toarray()
+    return adata.obs.reset_index(drop=True), np.asarray(x, dtype=np.float32)
+
+
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise CellrepError(f"no such file: {path}", fix="check the path")
@@ -178,16 +235,31 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def read_embeddings(
-    path: Path | str, metadata: Path | str | None = None, join_on: str = "well_id", rename: dict[str, str] | None = None
+    path: Path | str,
+    metadata: Path | str | None = None,
+    join_on: str = "well_id",
+    rename: dict[str, str] | None = None,
+    representation: str | None = None,
 ) -> Embeddings:
     """Load well embeddings from a parquet (metadata columns + ``feature_*``), no checkpoint needed.
+
+    An ``.h5ad`` file (AnnData) gives its ``obs`` as metadata and ``X`` as features, or
+    ``obsm[representation]`` when named (e.g. ``X_tvn`` of a cellrep-written file).
 
     ``metadata``: a separate table (csv/parquet) joined on ``join_on``; every
     embedding row must find exactly one metadata row. ``rename`` maps the
     file's column names onto canonical ones (e.g. ``{"gene": "perturbation"}``).
     """
     path = Path(path).expanduser()
-    meta, feats = split_frame(_read_table(path), str(path))
+    if path.suffix == ".h5ad":
+        if not path.is_file():
+            raise CellrepError(f"no such file: {path}", fix="check the path")
+        meta, feats = read_h5ad(path, representation)
+        meta = meta.assign(
+            **{c: meta[c].astype(str) for c in meta.columns if isinstance(meta[c].dtype, pd.CategoricalDtype)}
+        )
+    else:
+        meta, feats = split_frame(_read_table(path), str(path))
     if metadata is not None:
         meta = _join_metadata(meta, Path(metadata).expanduser(), join_on)
     if rename:

@@ -108,11 +108,15 @@ def write_markdown(
         ("probe", "Probe accuracy per block"),
         ("recall", "Recall per annotation source"),
         ("dti", "Zero-shot DTI: AP per compound vs random"),
+        ("correction_ranking", "Batch corrections: batch removal vs biology conserved"),
     ):
         if key in plots:
             md += [f"![{title}]({Path(plots[key]).name})", ""]
     if metrics:
-        md += ["## Benchmarks", "", "```", *benchmark_lines(metrics, skipped), "```", ""]
+        header, rows = benchmark_rows(metrics)
+        md += ["## Benchmarks, raw and corrected", "", *_md_table(header, rows), ""]
+        md += [f"- skipped {name}: {why}" for name, why in skipped.items()]
+        md.append("")
     md.append("All numbers are in `metrics.json`.")
     return atomic_write_text(path, "\n".join(md) + "\n")
 
@@ -239,6 +243,24 @@ def benchmark_rows(metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]
             c = result["classification"]
             put(f"classification top-1 ({c['n_classes']} classes)", corr, c["top1"], f"chance {_f(c['chance'])}")
             put("classification top-5", corr, c["top5"])
+            if "knn_top1" in c:
+                put("classification 1-NN top-1 (cosine)", corr, c["knn_top1"], f"chance {_f(c['chance'])}")
+        if "mean_map" in result.get("map_activity", {}):
+            m = result["map_activity"]
+            put(f"mAP activity ({m['n']} perturbations)", corr, m["mean_map"], f"shuffled {_f(m['shuffled_mean_map'])}")
+            put("mAP activity: share retrieved at q<0.05", corr, m["frac_retrieved"], _f(m["shuffled_frac_retrieved"]))
+        for part, m in result.get("map_consistency", {}).items():
+            if "mean_map" in m:
+                put(f"mAP consistency {part} ({m['n']})", corr, m["mean_map"], f"shuffled {_f(m['shuffled_mean_map'])}")
+        if "median_energy" in result.get("magnitude", {}):
+            m = result["magnitude"]
+            frac = next(k for k in m if k.startswith("frac_p_lt_"))
+            put(f"magnitude: share with p<{frac.removeprefix('frac_p_lt_')}", corr, m[frac])
+        if "overall" in result.get("correction_scores", {}):
+            m = result["correction_scores"]
+            put("correction score: batch removal", corr, m["batch"])
+            put("correction score: biology conserved", corr, m["biology"])
+            put("correction score: overall (0.4·batch + 0.6·biology)", corr, m["overall"])
     header = ["benchmark", *(_label(c) for c in corrections), "baseline"]
     return header, [[name, *(r.get(c, "") for c in corrections), r["baseline"]] for name, r in rows.items()]
 

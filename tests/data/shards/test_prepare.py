@@ -23,6 +23,14 @@ TINY = (
     "data.synthetic.sites_per_well=1",
     "data.synthetic.image_size=24",
     "data.synthetic.num_compounds=2",
+    # the simple layout (one plate holding every gene, one control kind): what this test counts on
+    "data.synthetic.plates_per_experiment=1",
+    "data.synthetic.num_modules=6",
+    "data.synthetic.gene_groups=1",
+    "data.synthetic.rotate_groups=false",
+    "data.synthetic.control_wells_per_plate=4",
+    "data.synthetic.crispr_control_wells_per_plate=0",
+    "data.synthetic.positive_controls=0",
     "data.samples_per_shard=8",
 )
 # Each child imports everything first, says it is ready, then waits for the go file: the two start ensure_shards

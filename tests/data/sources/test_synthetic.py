@@ -17,6 +17,8 @@ from cellrep.annotations import load_pairs
 from cellrep.data.schema import NEGATIVE_CONTROL, RXRX1_CHANNELS
 from cellrep.data.sources.rxrx1 import RxRx1Source
 from cellrep.data.sources.synthetic import SyntheticScreenSpec, ensure_screen, generate_screen, spec_fingerprint
+from cellrep.data.sources.synthetic_cells import Acquisition, morphology_mask, num_parameters, render_site
+from cellrep.data.sources.synthetic_modules import plan_biology
 from cellrep.errors import CellrepError
 
 METADATA_COLUMNS = [
@@ -37,6 +39,7 @@ METADATA_COLUMNS = [
 ]
 SMALL = dict(
     experiments_per_cell_type=2,
+    plates_per_experiment=2,
     sites_per_well=1,
     image_size=32,
     num_modules=3,
@@ -44,6 +47,22 @@ SMALL = dict(
     num_compounds=2,
     concentrations=(0.1, 10.0),
     control_wells_per_plate=2,
+    crispr_control_wells_per_plate=1,
+    positive_controls=1,
+    gene_groups=3,
+)
+# The default layout at a small image size: the layout is the default's, generating it takes seconds.
+DEFAULT_LAYOUT = dict(image_size=24, sites_per_well=1)
+# The layout before the realistic default (debug=tiny keeps it): every plate holds every gene.
+SIMPLE = dict(
+    plates_per_experiment=1,
+    num_modules=6,
+    control_wells_per_plate=4,
+    crispr_control_wells_per_plate=0,
+    positive_controls=0,
+    gene_perturbation_type="siRNA",
+    gene_groups=1,
+    rotate_groups=False,
 )
 
 
@@ -62,29 +81,10 @@ def read_site(root: Path, row, channels: int) -> np.ndarray:
     )
 
 
-def well_features(root: Path, channels: int = 6) -> pd.DataFrame:
-    """Per-well image statistics, standardized by each plate's negative controls (RxRx1 paper)."""
-    meta = pd.read_csv(root / "metadata.csv")
-    stats = []
-    for row in meta.itertuples():
-        x = read_site(root, row, channels).astype(np.float32)
-        grad = np.abs(np.diff(x, axis=1)).mean((1, 2)) + np.abs(np.diff(x, axis=2)).mean((1, 2))
-        bright = (x > 1.5 * x.mean((1, 2), keepdims=True)).mean((1, 2))
-        stats.append(np.log1p(np.concatenate([x.mean((1, 2)), x.std((1, 2)), grad, bright])))
-    cols = [f"f{i}" for i in range(len(stats[0]))]
-    sites = pd.concat([meta, pd.DataFrame(stats, columns=cols)], axis=1)
-    keys = ["well_id", "experiment", "plate", "dataset", "sirna", "perturbation_type", "concentration"]
-    wells = sites.groupby(keys, dropna=False)[cols].mean().reset_index()
-    for _, idx in wells.groupby(["experiment", "plate"]).groups.items():
-        plate = wells.loc[idx]
-        controls = plate.loc[plate["perturbation_type"] == "control", cols]
-        wells.loc[idx, cols] = (plate[cols] - controls.mean()) / (controls.std() + 1e-3)
-    return wells.rename(columns={"sirna": "perturbation"}), cols
-
-
 @pytest.fixture(scope="module")
 def default_screen(tmp_path_factory) -> Path:
-    return generate_screen(SyntheticScreenSpec(), tmp_path_factory.mktemp("default") / "screen", progress=False)
+    spec = SyntheticScreenSpec(**DEFAULT_LAYOUT)
+    return generate_screen(spec, tmp_path_factory.mktemp("default") / "screen", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -93,24 +93,24 @@ def default_record(default_screen) -> dict:
 
 
 def test_default_screen_is_in_rxrx1_format(default_screen, default_record):
-    spec = SyntheticScreenSpec()
+    spec = SyntheticScreenSpec(**DEFAULT_LAYOUT)
     meta = pd.read_csv(default_screen / "metadata.csv", keep_default_na=False)
     assert list(meta.columns) == METADATA_COLUMNS
-    wells_per_plate = 24 + 6 * 3 + 4
-    assert len(meta) == default_record["num_sites"] == 2 * 4 * 1 * wells_per_plate * 2
+    assert len(meta) == default_record["num_sites"]
     assert sorted(meta["experiment"].unique()) == [f"{c}-0{i}" for c in ("HUVEC", "RPE") for i in range(1, 5)]
     for row in meta.itertuples():
         assert row.site_id == f"{row.experiment}_{row.plate}_{row.well}_{row.site}"
         assert row.well_id == f"{row.experiment}_{row.plate}_{row.well}"
         assert re.fullmatch(r"[B-O](0[2-9]|1\d|2[0-3])", row.well)
         assert row.cell_type == row.experiment.split("-")[0]
+    for row in meta.sample(50, random_state=0).itertuples():
         for c in range(1, 7):
             assert (
                 default_screen / "images" / row.experiment / f"Plate{row.plate}" / f"{row.well}_s{row.site}_w{c}.png"
             ).is_file()
     assert meta["site_id"].is_unique
     with Image.open(next((default_screen / "images").rglob("*_w3.png"))) as png:
-        assert png.mode == "L" and png.size == (64, 64)
+        assert png.mode == "L" and png.size == (24, 24)
         assert np.asarray(png).dtype == np.uint8
     # whole experiments are held out, per cell type, like RxRx1's official split
     split = meta.groupby("experiment")["dataset"].agg(set)
@@ -121,20 +121,62 @@ def test_default_screen_is_in_rxrx1_format(default_screen, default_record):
         **{f"RPE-0{i}": "train" for i in (1, 2, 3)},
         "RPE-04": "test",
     }
-    controls = meta[meta["sirna"] == NEGATIVE_CONTROL]
-    assert set(controls["well_type"]) == {"negative_control"} and set(controls["perturbation_type"]) == {"control"}
-    assert len(controls) == 4 * 2 * 8
     compounds = meta[meta["perturbation_type"] == "COMPOUND"]
+    assert compounds["sirna"].nunique() == spec.num_compounds >= 10
+    assert (compounds.groupby("sirna")["concentration"].nunique() >= 3).all()
     assert sorted(compounds["concentration"].astype(float).unique()) == list(spec.concentrations)
     assert (compounds["target"] != "").all()
     others = meta[meta["perturbation_type"] != "COMPOUND"]
     assert (others["concentration"] == "").all() and (others["target"] == "").all()
     assert default_record["spec"]["channel_names"] == list(RXRX1_CHANNELS)
     assert default_record["format_version"] == synthetic.FORMAT_VERSION
-    # the reader accepts it as an RxRx1 dataset
+    # the reader accepts it as an RxRx1 dataset, and both control kinds stay negative controls
     source = RxRx1Source(default_screen)
-    assert source.load(meta["site_id"].iloc[5]).shape == (6, 64, 64)
-    assert set(source.metadata["perturbation_type"]) == {"siRNA", "COMPOUND", "control"}
+    assert source.load(meta["site_id"].iloc[5]).shape == (6, 24, 24)
+    read = source.metadata
+    assert set(read["perturbation_type"]) == {"CRISPR", "COMPOUND", "control"}
+    negative = read[read["well_type"] == "negative_control"]
+    assert set(negative["perturbation"]) == {NEGATIVE_CONTROL, "CRISPR_control"}
+    assert set(negative["perturbation_type"]) == {"control"}
+
+
+def test_default_layout_is_a_realistic_screen(default_screen):
+    """Several plates per experiment, ≥16 negative-control wells of two kinds and every positive control
+    on every plate, and each gene on some plates and experiments only (batch effects do not cancel)."""
+    meta = pd.read_csv(default_screen / "metadata.csv", keep_default_na=False)
+    wells = meta.drop_duplicates("well_id")
+    plates = wells.groupby(["experiment", "plate"])
+    assert len(plates) == 8 * 3
+    negative = wells[wells["well_type"] == "negative_control"]
+    kinds = negative.groupby(["experiment", "plate"])["sirna"].value_counts().unstack()
+    assert list(kinds.columns) == ["CRISPR_control", NEGATIVE_CONTROL] and len(kinds) == len(plates)
+    assert (kinds >= 8).all().all() and (kinds.sum(axis=1) >= 16).all()
+    positive = wells[wells["well_type"] == "positive_control"]
+    assert positive["sirna"].nunique() >= 2 and set(positive["perturbation_type"]) == {"CRISPR"}
+    assert (positive.groupby(["experiment", "plate"])["sirna"].nunique() == positive["sirna"].nunique()).all()
+    genes = wells[(wells["perturbation_type"] == "CRISPR") & (wells["well_type"] == "treatment")]
+    assert genes["sirna"].nunique() >= 100
+    per_gene = genes.groupby("sirna")
+    experiments, all_experiments = per_gene["experiment"].nunique(), meta["experiment"].nunique()
+    assert (experiments < all_experiments).all() and (experiments >= 4).all()  # a subset, held-out ones included
+    assert (per_gene.size() == experiments).all()  # one well per gene per experiment that holds it
+    assert (per_gene["plate"].nunique() >= 2).all()  # on different plate slots in different experiments
+    # genes share plates with only some of the others: no plate holds every gene
+    assert (genes.groupby(["experiment", "plate"])["sirna"].nunique() < genes["sirna"].nunique() / 2).all()
+    # every gene of a held-out experiment was seen in training experiments
+    train = set(genes.loc[genes["dataset"] == "train", "sirna"])
+    assert set(genes.loc[genes["dataset"] == "test", "sirna"]) <= train
+    assert plates.size().max() <= SyntheticScreenSpec().wells_per_plate
+
+
+def test_default_genes_cover_every_annotation_source(default_screen):
+    """Relationship recall has enough annotated pairs among the screen's genes in each shipped source."""
+    genes = set(pd.read_csv(default_screen / "modules.csv")["gene"])
+    counts = {}
+    for source in ("StringDB", "HuMAP", "Reactome"):
+        pairs = load_pairs(source)
+        counts[source] = int((pairs["gene_a"].isin(genes) & pairs["gene_b"].isin(genes)).sum())
+    assert counts["StringDB"] >= 150 and counts["HuMAP"] >= 30 and counts["Reactome"] >= 30, counts
 
 
 def test_generation_is_deterministic_per_seed(tmp_path):
@@ -152,7 +194,7 @@ def test_modules_are_cliques_of_the_annotation_and_unlinked_to_each_other(defaul
     modules = pd.read_csv(default_screen / "modules.csv")
     assert list(modules.columns) == ["gene", "module"]
     assert modules.groupby("module")["gene"].apply(sorted).tolist() == default_record["modules"]
-    assert modules["module"].value_counts().tolist() == [4] * 6
+    assert modules["module"].value_counts().tolist() == [4] * 25
     assert modules["gene"].is_unique
     pairs = load_pairs("StringDB")
     annotated = set(zip(pairs["gene_a"], pairs["gene_b"]))
@@ -162,7 +204,8 @@ def test_modules_are_cliques_of_the_annotation_and_unlinked_to_each_other(defaul
         for b in genes[i + 1 :]:
             assert ((a, b) in annotated) == (module_of[a] == module_of[b]), (a, b)
     meta = pd.read_csv(default_screen / "metadata.csv")
-    assert set(meta.loc[meta["perturbation_type"] == "siRNA", "sirna"]) == set(genes)
+    treated = meta[(meta["perturbation_type"] == "CRISPR") & (meta["well_type"] == "treatment")]
+    assert set(treated["sirna"]) == set(genes)
 
 
 def test_compound_targets_match_the_planted_targets(default_screen, default_record):
@@ -185,29 +228,55 @@ def test_compound_targets_match_the_planted_targets(default_screen, default_reco
         assert set(rows["gene"]) == set(module_of.index)
 
 
-def test_planted_biology_is_learnable_across_experiments(default_screen):
-    """Sanity check: simple image statistics already see the planted answers on held-out experiments."""
-    wells, cols = well_features(default_screen)
-    genes = wells[wells["perturbation_type"] == "siRNA"]
-    train, test = genes[genes["dataset"] == "train"], genes[genes["dataset"] == "test"]
-    mu, sd = train[cols].mean(), train[cols].std() + 1e-6
-    centroids = ((train[cols] - mu) / sd).groupby(train["perturbation"]).mean()
-    distance = ((((test[cols] - mu) / sd).to_numpy()[:, None] - centroids.to_numpy()[None]) ** 2).sum(-1)
-    accuracy = (centroids.index.to_numpy()[distance.argmin(1)] == test["perturbation"].to_numpy()).mean()
-    assert accuracy > 4 / len(centroids)  # chance is 1/24
-
-    profiles = ((genes[cols] - mu) / sd).groupby(genes["perturbation"]).mean()
-    unit = profiles.to_numpy() / np.linalg.norm(profiles.to_numpy(), axis=1, keepdims=True)
-    module = pd.read_csv(default_screen / "modules.csv").set_index("gene").loc[profiles.index, "module"].to_numpy()
+def test_planted_biology_modules_compounds_and_doses():
+    """Module mates share a phenotype direction, a compound copies its target's, doses follow a Hill curve,
+    and no phenotype moves a channel intensity (those stay cell type and batch)."""
+    spec = SyntheticScreenSpec(**DEFAULT_LAYOUT)
+    num_params = num_parameters(len(spec.channel_names))
+    mask = morphology_mask(len(spec.channel_names))
+    biology = plan_biology(spec, load_pairs(spec.annotation_source), num_params, np.random.default_rng(0), mask)
+    shifts = np.array([biology.gene_shift[g] for g in biology.genes])
+    assert not shifts[:, ~mask].any() and not np.array(list(biology.positive_shift.values()))[:, ~mask].any()
+    unit = shifts / np.linalg.norm(shifts, axis=1, keepdims=True)
+    module = np.repeat(np.arange(spec.num_modules), spec.genes_per_module)
     same, upper = module[:, None] == module[None], np.triu_indices(len(module), 1)
     cosine = (unit @ unit.T)[upper]
-    assert cosine[same[upper]].mean() > cosine[~same[upper]].mean() + 0.3
+    assert cosine[same[upper]].mean() > cosine[~same[upper]].mean() + 0.4
+    for compound in biology.compounds:
+        target = biology.gene_shift[compound.target]
+        top = biology.shift(compound.name, 1e4)
+        assert top @ target / np.linalg.norm(top) / np.linalg.norm(target) > 0.85
+        sizes = [np.linalg.norm(biology.shift(compound.name, c)) for c in spec.concentrations]
+        assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert not biology.shift(NEGATIVE_CONTROL, np.nan).any() and not biology.shift("CRISPR_control", np.nan).any()
 
-    # dose response: a compound's phenotype grows with concentration
-    compounds = wells[wells["perturbation_type"] == "COMPOUND"]
-    size = np.linalg.norm(compounds[cols].to_numpy(), axis=1)
-    by_dose = pd.Series(size, index=compounds.index).groupby(compounds["concentration"]).mean()
-    assert by_dose.is_monotonic_increasing
+
+def test_phenotypes_show_in_morphology_not_in_channel_intensity(tmp_path):
+    """Sites of one strong perturbation vs negative controls, same plate and microscope: per-channel means
+    match (within ~10 %, for these strongest phenotypes), while the cells' shapes differ (a mask of nuclei, Hoechst above its mean)."""
+    spec = SyntheticScreenSpec(**DEFAULT_LAYOUT)
+    num_channels, num_params = len(spec.channel_names), num_parameters(len(spec.channel_names))
+    biology = plan_biology(
+        spec, load_pairs(spec.annotation_source), num_params, np.random.default_rng(0), morphology_mask(num_channels)
+    )
+    scope = Acquisition.neutral(num_channels)
+    rng = np.random.default_rng(1)
+
+    def sites(shift: np.ndarray) -> np.ndarray:
+        return np.stack([render_site(shift, num_channels, 48, scope, rng).astype(np.float32) for _ in range(40)])
+
+    control = sites(np.zeros(num_params))
+    for name in biology.positive_controls:
+        treated = sites(biology.shift(name, np.nan))
+        ratio = treated.mean(axis=(0, 2, 3)) / control.mean(axis=(0, 2, 3))
+        assert np.abs(ratio - 1).max() < 0.15, ratio  # the 0-clip of dim background leaks a little
+        shape = [((x[:, 0] > x[:, 0].mean(axis=(1, 2), keepdims=True)).mean(axis=(1, 2))) for x in (treated, control)]
+        pixels = [np.abs(np.diff(x, axis=3)).mean(axis=(2, 3)) / x.std(axis=(2, 3)) for x in (treated, control)]
+        differs = [abs(a.mean() - b.mean()) / np.sqrt(a.var() / len(a) + b.var() / len(b)) for a, b in [shape]]
+        differs += [
+            np.max(np.abs(a.mean(0) - b.mean(0)) / np.sqrt(a.var(0) / len(a) + b.var(0) / len(b))) for a, b in [pixels]
+        ]
+        assert max(differs) > 4, (name, differs)
 
 
 def test_batch_effects_change_the_same_perturbation_across_experiments(tmp_path):
@@ -237,7 +306,15 @@ def test_plate_groups_hold_disjoint_genes_with_module_mates_apart(tmp_path):
     """gene_groups=2 (RxRx1-style): each plate holds one group, every gene is in every experiment once,
     module mates are spread over both groups, and plate 2 of every experiment is shifted the same way."""
     spec = SyntheticScreenSpec(
-        **{**SMALL, "genes_per_module": 4, "num_compounds": 4, "plates_per_experiment": 2, "gene_groups": 2}
+        **{
+            **SMALL,
+            **SIMPLE,
+            "num_modules": 3,
+            "control_wells_per_plate": 2,
+            "num_compounds": 4,
+            "plates_per_experiment": 2,
+            "gene_groups": 2,
+        }
     )
     root = generate_screen(spec, tmp_path / "screen", progress=False)
     meta = pd.read_csv(root / "metadata.csv")
@@ -258,9 +335,9 @@ def test_plate_groups_hold_disjoint_genes_with_module_mates_apart(tmp_path):
     num_params = len(json.loads((root / "generator.json").read_text())["parameter_names"])
     assert not synthetic.slot_shift(spec, 1, num_params).any()
     shift = synthetic.slot_shift(spec, 2, num_params)
-    assert np.linalg.norm(shift) == pytest.approx(synthetic.SLOT_DRIFT)
+    assert np.linalg.norm(shift) == pytest.approx(spec.slot_drift)
     with pytest.raises(CellrepError, match="gene_groups"):
-        SyntheticScreenSpec(**{**SMALL, "gene_groups": 2})  # one plate cannot hold two groups
+        SyntheticScreenSpec(**{**SMALL, **SIMPLE, "gene_groups": 2})  # one plate cannot hold two groups
 
 
 def test_any_channel_count_works(tmp_path):
@@ -325,9 +402,14 @@ def test_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
         dict(genes_per_module=1),
         dict(concentrations=(0.0, 1.0)),
         dict(effect_strength=-1),
-        dict(num_modules=100, genes_per_module=4),
+        dict(num_modules=400, genes_per_module=4),
         dict(gene_groups=0),
         dict(gene_groups=5, plates_per_experiment=5),
+        dict(gene_groups=13),  # 3 plates × 4 experiments cannot hold 13 rotating groups
+        dict(gene_groups=3, rotate_groups=False, plates_per_experiment=2),
+        dict(control_wells_per_plate=0, crispr_control_wells_per_plate=0),
+        dict(positive_controls=-1),
+        dict(gene_perturbation_type="shRNA"),
     ],
 )
 def test_bad_spec_is_rejected(bad):

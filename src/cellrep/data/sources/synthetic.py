@@ -8,15 +8,19 @@ real data, and every benchmark has a planted answer:
   module sharing a phenotype direction → relationship recall is meaningful;
 * each compound copies its target gene's phenotype through a Hill dose response
   → ``compound_targets.csv`` is the ground truth of the DTI benchmark;
-* experiments add microscope batch effects, small biological drifts and a
-  batch × perturbation interaction; cell types shift the base morphology
-  → batch splits are harder than random ones;
-* optionally (``gene_groups`` ≥ 2, RxRx1-style) each plate holds one of several
-  disjoint gene groups, module mates spread over different groups, and every
-  plate position ("slot": plate 2 of each experiment is always imaged second)
-  adds a systematic morphology shift that its control wells share. Raw gene
-  embeddings then mix biology with plate slot; batch correction that learns
-  from the controls (TVN) must undo it → corrected recall beats raw recall.
+* phenotypes move morphology only (shape, size, texture, organelle arrangement,
+  cell count), and every channel's mean and spread are fixed per site, so pooled
+  intensity statistics cannot read them and a learned model must look at cells;
+* experiments add microscope batch effects (focus, gamma, gain, illumination),
+  a drift of their cells' size, density and texture, a batch × perturbation
+  interaction; cell types shift the base morphology → batch splits are harder
+  than random ones;
+* the default layout is RxRx3-core-like: several plates per experiment, each
+  holding one of several disjoint gene groups that rotate from experiment to
+  experiment (so genes miss some experiments and change plate slot), 16
+  negative controls of two kinds and the positive controls on every plate. Every
+  plate position ("slot") adds a systematic morphology shift its controls share,
+  which batch correction that learns from the controls (TVN) must undo.
 
 Generation is deterministic: every random draw is keyed by (seed, what it is
 for, name of the thing), never by generation order.
@@ -45,34 +49,45 @@ from cellrep.data.sources import synthetic_modules as planted
 from cellrep.data.sources.synthetic_cells import (
     GLOBAL_PARAMS,
     Acquisition,
+    morphology_mask,
     num_parameters,
     parameter_names,
+    phenotype_weights,
     render_site,
 )
 from cellrep.errors import CellrepError
 
-FORMAT_VERSION = "synthetic-rxrx1/2"  # 2: plate groups + plate-slot shift; all module mates in the grey zone
+# 2: plate groups + plate-slot shift; all module mates in the grey zone.
+# 3: morphology-only phenotypes, per-site fixed channel levels, gamma; rotated groups, two control kinds,
+#    positive controls, experiment morphology drift.
+FORMAT_VERSION = "synthetic-rxrx1/3"
+GENE_PERTURBATION_TYPES = ("CRISPR", "siRNA")
 COMPLETE_MARKER = "generator.json"  # written last: its presence means the screen is complete
 # Inner wells of a 384-well plate, as RxRx1 uses (rows B–O, columns 2–23).
 INNER_WELLS = tuple(f"{row}{col:02d}" for row in "BCDEFGHIJKLMNO" for col in range(2, 24))
 # Noise that is neither perturbation nor batch: replicate wells and sites differ.
 WELL_NOISE, SITE_NOISE = 0.2, 0.12
-CELL_TYPE_SPREAD = 0.7  # how far cell types' base morphologies sit from each other
+CELL_TYPE_SPREAD = 0.5  # how far cell types' base morphologies sit from each other
 BATCH_DRIFT = 0.3  # biological drift per experiment (per unit batch_effect_strength)
 PLATE_DRIFT = 0.1
 # Batch × perturbation interaction (knock-down efficiency, local context): the same
 # perturbation looks a little different in every experiment. A random split sees
 # each experiment's version in training; a batch split must generalize past it.
-INTERACTION = 0.3
+INTERACTION = 0.6
 # Batch × biology: each experiment expresses phenotypes through its own distortion
 # (I + DISTORTION·G/√P) of morphology space (seeding density, serum lot...). A model
 # learns an experiment's distortion from all of its wells when the experiment is in
 # training (random split), and cannot when it is held out (batch split).
-DISTORTION = 0.6
-# Plate slot: plate p ≥ 2 of every experiment shifts morphology by a fixed vector of this length
-# (per unit batch_effect_strength) along parameters that per-plate control normalization of the
-# pixels cannot undo (density, sizes, texture). Plate 1 is the reference: one-plate screens see none.
-SLOT_DRIFT = 6.0
+DISTORTION = 0.3
+# Plate slot: plate p ≥ 2 of every experiment shifts morphology by a fixed vector of length
+# ``spec.slot_drift`` (per unit batch_effect_strength) along parameters that per-plate control
+# normalization of the pixels cannot undo (density, sizes, texture). Plate 1 is the reference:
+# one-plate screens see none.
+# Experiment morphology drift: seeding density, serum and passage change how big, how many and how
+# textured the cells of a whole experiment are (per unit batch_effect_strength). The controls share it,
+# so pixel normalization cannot remove it; a model that never saw the experiment must see past it.
+EXPERIMENT_MORPHOLOGY_DRIFT = 0.8
+EXPERIMENT_MORPHOLOGY_PARAMS = ("nucleus_size", "cell_density", "cytoplasm_ratio", "texture_scale", "membrane_width")
 SLOT_PARAMS = ("nucleus_size", "cell_density", "cytoplasm_ratio", "elongation", "texture_scale", "membrane_width")
 
 
@@ -83,20 +98,25 @@ class SyntheticScreenSpec:
     seed: int = 0
     cell_types: tuple[str, ...] = ("HUVEC", "RPE")
     experiments_per_cell_type: int = 4
-    plates_per_experiment: int = 1
-    sites_per_well: int = 2
-    image_size: int = 64
+    plates_per_experiment: int = 3
+    sites_per_well: int = 3
+    image_size: int = 40
     channel_names: tuple[str, ...] = RXRX1_CHANNELS
-    num_modules: int = 6
+    num_modules: int = 25
     genes_per_module: int = 4
     annotation_source: str = "StringDB"
-    num_compounds: int = 6
+    num_compounds: int = 12
     concentrations: tuple[float, ...] = (0.1, 1.0, 10.0)
-    control_wells_per_plate: int = 4
+    control_wells_per_plate: int = 8  # EMPTY_control (untreated) wells per plate
+    crispr_control_wells_per_plate: int = 8  # CRISPR_control (non-targeting guide) wells per plate
+    positive_controls: int = 3  # strong-phenotype perturbations, one well each on every plate
+    gene_perturbation_type: str = "CRISPR"  # or siRNA (RxRx1)
     effect_strength: float = 1.0  # scales every gene/compound phenotype
     batch_effect_strength: float = 1.0  # scales microscope effects and per-experiment drift
     module_similarity: float = 0.6  # cosine between phenotypes of two genes of one module
-    gene_groups: int = 1  # ≥2: plate p holds only gene/compound group (p-1) mod gene_groups (RxRx1 plate groups)
+    gene_groups: int = 4  # ≥2: each plate holds one of these disjoint gene/compound groups (RxRx1 plate groups)
+    rotate_groups: bool = True  # plate p of the k-th experiment of a cell type holds group (p-1+k) mod gene_groups
+    slot_drift: float = 2.0  # length of the plate-slot morphology shift of plates ≥ 2 (per batch_effect_strength)
 
     def __post_init__(self) -> None:
         # Hydra/YAML hand over lists; tuples keep the spec hashable and its hash stable.
@@ -108,7 +128,6 @@ class SyntheticScreenSpec:
             "plates_per_experiment",
             "sites_per_well",
             "num_modules",
-            "control_wells_per_plate",
             "gene_groups",
         )
         for name in positive:
@@ -118,6 +137,21 @@ class SyntheticScreenSpec:
                     fix=f"set data.synthetic.{name} to a positive integer",
                 )
         checks = [
+            (
+                self.control_wells_per_plate + self.crispr_control_wells_per_plate >= 1,
+                "a plate needs at least one negative-control well",
+                "set control_wells_per_plate or crispr_control_wells_per_plate >= 1 (they anchor normalization)",
+            ),
+            (
+                min(self.control_wells_per_plate, self.crispr_control_wells_per_plate, self.positive_controls) >= 0,
+                "control well counts must be >= 0",
+                "use 0 or more control wells",
+            ),
+            (
+                self.gene_perturbation_type in GENE_PERTURBATION_TYPES,
+                f"gene_perturbation_type {self.gene_perturbation_type!r} is not one of {list(GENE_PERTURBATION_TYPES)}",
+                "use CRISPR (RxRx3-core) or siRNA (RxRx1)",
+            ),
             (len(self.cell_types) >= 1, "cell_types is empty", "list at least one cell type"),
             (
                 all(c and not set(c) & set("_/ ") for c in self.cell_types),
@@ -134,16 +168,19 @@ class SyntheticScreenSpec:
                 "set concentrations, e.g. [0.1, 1.0, 10.0]",
             ),
             (
-                self.effect_strength >= 0 and self.batch_effect_strength >= 0,
+                min(self.effect_strength, self.batch_effect_strength, self.slot_drift) >= 0,
                 "effect strengths must be >= 0",
                 "use 0 (off) or a positive strength",
             ),
             (0.0 <= self.module_similarity <= 1.0, "module_similarity must be in [0, 1]", "use e.g. 0.6"),
             (
-                self.gene_groups <= self.plates_per_experiment,
-                f"gene_groups={self.gene_groups} exceeds plates_per_experiment={self.plates_per_experiment}, so some "
-                "genes would never be plated",
-                "use at least as many plates per experiment as gene groups",
+                self.gene_groups
+                <= self.plates_per_experiment * (self.experiments_per_cell_type if self.rotate_groups else 1),
+                f"gene_groups={self.gene_groups} exceeds the plates that can hold them "
+                f"(plates_per_experiment={self.plates_per_experiment}"
+                + (f" × experiments_per_cell_type={self.experiments_per_cell_type}" if self.rotate_groups else "")
+                + "), so some genes would never be plated",
+                "use fewer gene groups, more plates per experiment, or rotate_groups=true",
             ),
             (
                 self.gene_groups <= self.genes_per_module,
@@ -168,7 +205,8 @@ class SyntheticScreenSpec:
     def wells_per_plate(self) -> int:
         """Wells of the fullest possible plate (with gene groups, every compound could share one group)."""
         genes = -(-self.num_genes // self.gene_groups)
-        return genes + self.num_compounds * len(self.concentrations) + self.control_wells_per_plate
+        controls = self.control_wells_per_plate + self.crispr_control_wells_per_plate + self.positive_controls
+        return genes + self.num_compounds * len(self.concentrations) + controls
 
 
 def _rng(seed: int, stream: str, *keys: object) -> np.random.Generator:
@@ -187,7 +225,7 @@ def _generator_constants() -> dict[str, float]:
         plate_drift=PLATE_DRIFT,
         interaction=INTERACTION,
         distortion=DISTORTION,
-        slot_drift=SLOT_DRIFT,
+        experiment_morphology_drift=EXPERIMENT_MORPHOLOGY_DRIFT,
         effect_norm=planted.EFFECT_NORM,
         compound_target_cosine=planted.COMPOUND_TARGET_COSINE,
         hill_slope=planted.HILL_SLOPE,
@@ -228,13 +266,27 @@ def gene_group(spec: SyntheticScreenSpec, index_in_biology: int) -> int:
     return (module + member) % spec.gene_groups
 
 
-def _plate_wells(spec: SyntheticScreenSpec, biology: planted.Biology, plate: int) -> list[dict]:
-    """One plate's perturbations (before placement): its group's genes, controls, and the doses of
-    the compounds whose target is in the group (a library plated by target family), so a compound
-    and its target share a plate slot and the DTI benchmark measures biology, not slot."""
-    group = (plate - 1) % spec.gene_groups
+def plate_group(spec: SyntheticScreenSpec, experiment_index: int, plate: int) -> int:
+    """Gene group of ``plate`` in the ``experiment_index``-th (0-based) experiment of its cell type.
+
+    With ``rotate_groups`` the groups move by one plate per experiment. When there are more groups than
+    plates, each experiment then holds only some groups, so every gene is missing from some experiments
+    and sits on different plate slots in the others: batch and slot effects do not average out of a
+    gene's mean, as in real screens (docs/data.md).
+    """
+    return (plate - 1 + (experiment_index if spec.rotate_groups else 0)) % spec.gene_groups
+
+
+def _plate_wells(spec: SyntheticScreenSpec, biology: planted.Biology, group: int) -> list[dict]:
+    """One plate's perturbations (before placement): its group's genes, both kinds of negative control,
+    the positive controls, and the doses of the compounds whose target is in the group (a library plated
+    by target family), so a compound and its target share a plate and the DTI benchmark measures
+    biology, not plate."""
+    gene_type = spec.gene_perturbation_type
     wells = [
-        dict(sirna=g, sirna_id=i + 1, perturbation_type="siRNA", well_type="treatment", concentration=np.nan, target="")
+        dict(
+            sirna=g, sirna_id=i + 1, perturbation_type=gene_type, well_type="treatment", concentration=np.nan, target=""
+        )
         for i, g in enumerate(biology.genes)
         if gene_group(spec, i) == group
     ]
@@ -252,27 +304,44 @@ def _plate_wells(spec: SyntheticScreenSpec, biology: planted.Biology, plate: int
                     target=compound.target,
                 )
             )
-    control_id = spec.num_genes + spec.num_compounds + 1
-    wells += [
-        dict(
-            sirna=NEGATIVE_CONTROL,
-            sirna_id=control_id,
-            perturbation_type="control",
-            well_type="negative_control",
-            concentration=np.nan,
-            target="",
+    next_id = spec.num_genes + spec.num_compounds + 1
+    for name, count in (
+        (NEGATIVE_CONTROL, spec.control_wells_per_plate),
+        (planted.CRISPR_CONTROL, spec.crispr_control_wells_per_plate),
+    ):
+        wells += [
+            dict(
+                sirna=name,
+                sirna_id=next_id,
+                perturbation_type="control",
+                well_type="negative_control",
+                concentration=np.nan,
+                target="",
+            )
+            for _ in range(count)
+        ]
+        next_id += 1
+    for k, name in enumerate(biology.positive_controls):
+        wells.append(
+            dict(
+                sirna=name,
+                sirna_id=next_id + k,
+                perturbation_type=gene_type,
+                well_type="positive_control",
+                concentration=np.nan,
+                target="",
+            )
         )
-        for _ in range(spec.control_wells_per_plate)
-    ]
     return wells
 
 
 def _layout(spec: SyntheticScreenSpec, biology: planted.Biology) -> pd.DataFrame:
     """The full site table in RxRx1 columns (plus the synthetic extension columns)."""
     rows = []
-    for experiment, cell_type, dataset in experiment_names(spec):
+    for position, (experiment, cell_type, dataset) in enumerate(experiment_names(spec)):
+        experiment_index = position % spec.experiments_per_cell_type
         for plate in range(1, spec.plates_per_experiment + 1):
-            wells = _plate_wells(spec, biology, plate)
+            wells = _plate_wells(spec, biology, plate_group(spec, experiment_index, plate))
             placement = _rng(spec.seed, "placement", experiment, plate).permutation(len(INNER_WELLS))
             addresses = sorted(INNER_WELLS[k] for k in placement[: len(wells)])
             order = _rng(spec.seed, "assignment", experiment, plate).permutation(len(wells))
@@ -322,7 +391,17 @@ def slot_shift(spec: SyntheticScreenSpec, plate: int, num_params: int) -> np.nda
     if plate > 1:
         index = [GLOBAL_PARAMS.index(name) for name in SLOT_PARAMS]
         direction = _rng(spec.seed, "slot", plate).standard_normal(len(index))
-        shift[index] = SLOT_DRIFT * direction / np.linalg.norm(direction)
+        shift[index] = spec.slot_drift * direction / np.linalg.norm(direction)
+    return shift
+
+
+def experiment_morphology(spec: SyntheticScreenSpec, experiment: str, num_params: int) -> np.ndarray:
+    """Morphology drift of a whole experiment (cell size, density, texture), shared by its controls."""
+    shift = np.zeros(num_params)
+    index = [GLOBAL_PARAMS.index(name) for name in EXPERIMENT_MORPHOLOGY_PARAMS]
+    shift[index] = EXPERIMENT_MORPHOLOGY_DRIFT * _rng(spec.seed, "experiment_morphology", experiment).standard_normal(
+        len(index)
+    )
     return shift
 
 
@@ -336,13 +415,17 @@ def _site_morphology(spec: SyntheticScreenSpec, biology: planted.Biology, row, n
     distortion = np.eye(num_params) + strength * DISTORTION / np.sqrt(num_params) * np.reshape(
         _rng(spec.seed, "distortion", row.experiment).standard_normal(num_params * num_params), (num_params, -1)
     )
+    # Perturbations move morphology only: the distortion and the interaction would otherwise leak them
+    # into the channel intensities, which stay cell type and batch (synthetic_cells.morphology_mask).
+    mask = morphology_mask(len(spec.channel_names))
     z = cell_type_base(spec.seed, row.cell_type, num_params)
-    z += distortion @ biology.shift(row.sirna, row.concentration)
+    z += mask * (distortion @ biology.shift(row.sirna, row.concentration))
     z += strength * BATCH_DRIFT * normal("drift", row.experiment)
     z += strength * PLATE_DRIFT * normal("drift", row.experiment, row.plate)
     z += strength * slot_shift(spec, row.plate, num_params)
+    z += strength * experiment_morphology(spec, row.experiment, num_params)
     if row.perturbation_type != "control":
-        z += strength * INTERACTION * normal("interaction", row.experiment, row.sirna)
+        z += mask * strength * INTERACTION * normal("interaction", row.experiment, row.sirna)
     z += WELL_NOISE * normal("well", row.well_id) + SITE_NOISE * normal("site", row.site_id)
     return z
 
@@ -368,7 +451,9 @@ def generate_screen(spec: SyntheticScreenSpec, out_dir: Path, progress: bool = T
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     num_channels, size = len(spec.channel_names), spec.image_size
     pairs = load_pairs(spec.annotation_source)
-    biology = planted.plan_biology(spec, pairs, num_parameters(num_channels), _rng(spec.seed, "biology"))
+    biology = planted.plan_biology(
+        spec, pairs, num_parameters(num_channels), _rng(spec.seed, "biology"), phenotype_weights(num_channels)
+    )
     table = _layout(spec, biology)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

@@ -30,6 +30,7 @@ GLOBAL_PARAMS: tuple[str, ...] = (
     "nucleoli_spots",
     "membrane_width",
     "clustering",
+    "organelle_position",  # spatial arrangement: organelle spots packed around the nucleus or out at the edge
 )
 # What each channel stains. Channel 1 is always nuclei (Hoechst/DAPI); the rest
 # cycle through the RxRx1 / Cell Painting stains so any channel count works.
@@ -51,6 +52,34 @@ def num_parameters(num_channels: int) -> int:
     return len(GLOBAL_PARAMS) + 2 * num_channels
 
 
+def morphology_mask(num_channels: int) -> np.ndarray:
+    """True for the parameters a phenotype may move: every global one and the per-channel textures.
+
+    The per-channel intensities are left to cell type and batch. Each channel's mean and spread are
+    also fixed per site before the microscope (:func:`render_cells`). A perturbation therefore shows in
+    shape, size, texture, arrangement and cell count, and pooled intensity statistics cannot read it
+    (docs/data.md, "The synthetic screen").
+    """
+    mask = np.ones(num_parameters(num_channels), dtype=bool)
+    mask[len(GLOBAL_PARAMS) : len(GLOBAL_PARAMS) + num_channels] = False
+    return mask
+
+
+# How strongly phenotypes load on each kind of parameter: on what a 48-pixel site shows clearly
+# (sizes, shape, count, arrangement) more than on spot counts and per-channel texture amplitude, which
+# the fixed per-channel spread and the focus blur leave hard to see.
+SPOT_WEIGHT, CHANNEL_TEXTURE_WEIGHT = 0.6, 0.4
+
+
+def phenotype_weights(num_channels: int) -> np.ndarray:
+    """Per parameter, how much a phenotype direction may load on it (0 where :func:`morphology_mask` is False)."""
+    weights = morphology_mask(num_channels).astype(np.float64)
+    for name in ("organelle_spots", "nucleoli_spots"):
+        weights[GLOBAL_PARAMS.index(name)] = SPOT_WEIGHT
+    weights[len(GLOBAL_PARAMS) + num_channels :] = CHANNEL_TEXTURE_WEIGHT
+    return weights
+
+
 @dataclass(frozen=True)
 class Acquisition:
     """One experiment's imaging conditions (the batch effect, minus biology)."""
@@ -59,10 +88,11 @@ class Acquisition:
     offset: np.ndarray  # (C,) additive per-channel background, in [0, 1] units
     gradient: np.ndarray  # (2,) illumination slope along (y, x), relative
     blur_sigma: float  # focus blur, pixels
+    gamma: np.ndarray  # (C,) detector response light**gamma: nonlinear, so affine normalization cannot undo it
 
     @staticmethod
     def neutral(num_channels: int) -> "Acquisition":
-        return Acquisition(np.ones(num_channels), np.zeros(num_channels), np.zeros(2), 0.0)
+        return Acquisition(np.ones(num_channels), np.zeros(num_channels), np.zeros(2), 0.0, np.ones(num_channels))
 
     @staticmethod
     def random(num_channels: int, strength: float, rng: np.random.Generator) -> "Acquisition":
@@ -70,8 +100,9 @@ class Acquisition:
         offset = strength * 0.04 * np.abs(rng.standard_normal(num_channels))
         angle = rng.uniform(0, 2 * np.pi)
         gradient = strength * rng.uniform(0.2, 0.5) * np.array([np.sin(angle), np.cos(angle)])
-        blur = strength * rng.uniform(0.3, 0.9)
-        return Acquisition(gain, offset, gradient, float(blur))
+        blur = strength * rng.uniform(0.2, 0.8)
+        gamma = np.exp(strength * 0.25 * rng.standard_normal(num_channels))
+        return Acquisition(gain, offset, gradient, float(blur), gamma)
 
 
 def _physical(z: np.ndarray) -> dict[str, float]:
@@ -86,8 +117,8 @@ def _physical(z: np.ndarray) -> dict[str, float]:
         return float(np.clip(base * np.exp(slope * g[name]), lo, hi))
 
     return {
-        "nucleus_radius": bounded(3.6, 0.2, "nucleus_size", 1.5, 9.0),
-        "cells_per_4096px": bounded(8.0, 0.3, "cell_density", 1.0, 40.0),
+        "nucleus_radius": bounded(3.0, 0.2, "nucleus_size", 1.5, 8.0),
+        "cells_per_4096px": bounded(18.0, 0.3, "cell_density", 2.0, 60.0),
         "cytoplasm_ratio": bounded(2.1, 0.15, "cytoplasm_ratio", 1.4, 4.0),
         "elongation": bounded(1.35, 0.25, "elongation", 1.0, 4.0),
         "texture_sigma": bounded(1.2, 0.3, "texture_scale", 0.5, 5.0),
@@ -95,7 +126,14 @@ def _physical(z: np.ndarray) -> dict[str, float]:
         "nucleoli_spots": bounded(2.5, 0.35, "nucleoli_spots", 0.2, 12.0),
         "membrane_width": bounded(1.1, 0.25, "membrane_width", 0.4, 4.0),
         "clustering": float(1.0 / (1.0 + np.exp(-np.clip(g["clustering"] - 1.0, -30, 30)))),
+        # 0: spots hug the nucleus, 1: they sit at the cell edge (the organelle ring's inner radius)
+        "organelle_position": float(1.0 / (1.0 + np.exp(-np.clip(0.8 * g["organelle_position"], -30, 30)))),
     }
+
+
+CELL_BRIGHTNESS = 0.3  # log-scale spread of stain uptake between the cells of one site
+SITE_LEVEL_JITTER = 0.1  # per-site, per-channel jitter of a channel's mean and spread (log scale)
+SPREAD_PER_LEVEL = 0.8  # a channel's pixel std as a multiple of its mean, before the microscope
 
 
 def _soft_step(x: np.ndarray) -> np.ndarray:
@@ -122,8 +160,11 @@ def _cell_spots(rng, cx, cy, angle, ax_long, ax_short, mean_count, rho_lo, rho_h
     return _spot_image(cx[owner] + a * c - b * s, cy[owner] + a * s + b * c, shape, sigma)
 
 
-def render_cells(z: np.ndarray, num_channels: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Clean fluorescence (C×H×W float, roughly 0..1) of one site with morphology ``z``."""
+def render_cells(
+    z: np.ndarray, num_channels: int, size: int, rng: np.random.Generator, blur_sigma: float = 0.0
+) -> np.ndarray:
+    """Fluorescence (C×H×W float, roughly 0..1) of one site with morphology ``z``, through a focus blur
+    of ``blur_sigma`` pixels (the microscope's, :class:`Acquisition`)."""
     p = _physical(z)
     h = w = size
     n = max(1, int(rng.poisson(p["cells_per_4096px"] * h * w / 4096.0)))
@@ -158,19 +199,22 @@ def render_cells(z: np.ndarray, num_channels: int, size: int, rng: np.random.Gen
         np.maximum.at(image, flat, patches[inside].astype(np.float32))
         return image.reshape(h, w)
 
-    nucleus = merge(_soft_step((1.0 - u_nuc) * r / 0.8))
-    cytoplasm = merge(_soft_step((1.0 - u_cell) * cell_r / 1.2))
+    # Cells of one site differ in how much stain they take up, so brightness is a per-cell trait, not a phenotype.
+    bright = np.exp(CELL_BRIGHTNESS * rng.standard_normal(n))[:, None, None]
+    nucleus_shape = _soft_step((1.0 - u_nuc) * r / 0.8)
+    nucleus, nucleus_mask = merge(nucleus_shape * bright), merge(nucleus_shape)
+    cytoplasm = merge(_soft_step((1.0 - u_cell) * cell_r / 1.2) * bright)
     membrane = merge(np.exp(-(((1.0 - u_cell) * cell_r / p["membrane_width"]) ** 2)))
     perinuclear = merge(np.exp(-(((u_nuc - 1.4) * r / 1.5) ** 2))) * cytoplasm
 
     ax_cell = (radius * p["cytoplasm_ratio"] * np.sqrt(aspect), radius * p["cytoplasm_ratio"] / np.sqrt(aspect))
-    organelles = _cell_spots(
-        rng, cx, cy, angle, *ax_cell, p["organelle_spots"], 1.15 / p["cytoplasm_ratio"], 0.95, (h, w), 0.9
-    )
+    inner = 1.1 / p["cytoplasm_ratio"]  # just outside the nucleus, as a fraction of the cell radius
+    lo = inner + (0.8 - inner) * p["organelle_position"]
+    organelles = _cell_spots(rng, cx, cy, angle, *ax_cell, p["organelle_spots"], lo, lo + 0.2, (h, w), 0.9)
     ax_nuc = (radius * aspect**0.25, radius / aspect**0.25)
     nucleoli = _cell_spots(rng, cx, cy, angle, *ax_nuc, p["nucleoli_spots"], 0.0, 0.6, (h, w), 1.0)
 
-    cyto_only = cytoplasm * (1.0 - 0.7 * nucleus)
+    cyto_only = cytoplasm * (1.0 - 0.7 * nucleus_mask)
     role_images = {
         NUCLEUS_ROLE: 1.6 * nucleus,
         "cytoplasm": cyto_only,
@@ -180,24 +224,35 @@ def render_cells(z: np.ndarray, num_channels: int, size: int, rng: np.random.Gen
         "golgi": 0.6 * perinuclear + 0.4 * membrane + 0.1 * cyto_only,
     }
     k = len(GLOBAL_PARAMS)
-    intensity = np.clip(0.42 * np.exp(0.3 * z[k : k + num_channels]), 0.02, 3.0)
+    intensity = np.clip(0.3 * np.exp(0.3 * z[k : k + num_channels]), 0.02, 1.5)
     texture = np.clip(0.35 * np.exp(0.35 * z[k + num_channels : k + 2 * num_channels]), 0.0, 2.0)
-    out = np.empty((num_channels, h, w), dtype=np.float32)
-    for ch, role in enumerate(channel_roles(num_channels)):
-        noise = gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), p["texture_sigma"])
-        noise /= noise.std() + 1e-6
-        out[ch] = intensity[ch] * role_images[role] * np.clip(1.0 + texture[ch] * noise, 0.0, None)
-    return out
+    roles = channel_roles(num_channels)
+    noise = gaussian_filter(
+        rng.standard_normal((num_channels, h, w)).astype(np.float32), (0, *[p["texture_sigma"]] * 2)
+    )
+    noise /= noise.std(axis=(1, 2), keepdims=True) + 1e-6
+    out = np.stack([role_images[role] for role in roles]) * np.clip(1.0 + texture[:, None, None] * noise, 0.0, None)
+    if blur_sigma > 0.05:  # focus blurs before the levels are set, so blur cannot turn shape into spread
+        out = gaussian_filter(out, sigma=(0, blur_sigma, blur_sigma))
+    # Every channel leaves with a set mean (its intensity, jittered per site) and spread (a fixed multiple
+    # of the mean): what a phenotype changes is where the signal is, never how much of it there is. So
+    # per-channel mean/std carry cell type and batch, and no label (docs/data.md).
+    level = intensity * np.exp(SITE_LEVEL_JITTER * rng.standard_normal(num_channels))
+    spread = SPREAD_PER_LEVEL * level * np.exp(SITE_LEVEL_JITTER * rng.standard_normal(num_channels))
+    mean = out.mean(axis=(1, 2), keepdims=True)
+    std = out.std(axis=(1, 2), keepdims=True) + 1e-6
+    out = (out - mean) / std * spread[:, None, None] + level[:, None, None]
+    return np.clip(out, 0.0, None).astype(np.float32)
 
 
 def acquire(clean: np.ndarray, acquisition: Acquisition, rng: np.random.Generator) -> np.ndarray:
-    """Image ``clean`` through a microscope: illumination, focus, gain/offset, noise → uint8."""
+    """Detect ``clean`` (already through the focus blur): illumination, detector response, gain/offset,
+    noise → uint8."""
     _, h, w = clean.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     illumination = 1.0 + acquisition.gradient[0] * (yy / h - 0.5) + acquisition.gradient[1] * (xx / w - 0.5)
     light = (clean + 0.03) * illumination[None]
-    if acquisition.blur_sigma > 0.05:
-        light = gaussian_filter(light, sigma=(0, acquisition.blur_sigma, acquisition.blur_sigma))
+    light = np.clip(light, 0.0, None) ** acquisition.gamma[:, None, None]
     light = light * acquisition.gain[:, None, None] + acquisition.offset[:, None, None]
     light += rng.standard_normal(light.shape).astype(np.float32) * (0.008 + 0.02 * np.sqrt(np.clip(light, 0, None)))
     return np.clip(np.rint(light * 255.0), 0, 255).astype(np.uint8)
@@ -207,4 +262,4 @@ def render_site(
     z: np.ndarray, num_channels: int, size: int, acquisition: Acquisition, rng: np.random.Generator
 ) -> np.ndarray:
     """One site: ``C×H×W`` uint8 for morphology ``z`` seen through ``acquisition``."""
-    return acquire(render_cells(z, num_channels, size, rng), acquisition, rng)
+    return acquire(render_cells(z, num_channels, size, rng, acquisition.blur_sigma), acquisition, rng)

@@ -11,6 +11,7 @@ copies its target gene's phenotype (cosine 0.9) scaled by a Hill dose response.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,10 +21,16 @@ from scipy import sparse
 from cellrep.data.schema import NEGATIVE_CONTROL
 from cellrep.errors import CellrepError
 
-EFFECT_NORM = 3.5  # length of a gene's phenotype vector at effect_strength=1 (morphology units)
+# The two kinds of negative control of a CRISPR screen, as RxRx3-core names them: untreated wells and
+# non-targeting guides. Both have no phenotype here and both anchor normalization (docs/data.md).
+CRISPR_CONTROL = "CRISPR_control"
+NEGATIVE_CONTROLS = (NEGATIVE_CONTROL, CRISPR_CONTROL)
+EFFECT_NORM = 10.0  # length of a gene's phenotype vector at effect_strength=1 (morphology units)
 COMPOUND_TARGET_COSINE = 0.9
 HILL_SLOPE = 1.5
 EC50_RANGE_UM = (0.3, 3.0)  # EC50s sit mid-range so the default doses 0.1/1/10 µM span the curve
+POSITIVE_CONTROL_NORM = 1.5  # positive controls are strong on purpose: a plate's assay-works check
+POSITIVE_CONTROL_PREFIX = "POSCTRL"
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -94,6 +101,11 @@ class Biology:
     modules: list[list[str]]
     gene_shift: dict[str, np.ndarray]
     compounds: list[Compound]
+    positive_shift: dict[str, np.ndarray] = field(default_factory=dict)  # positive-control name → shift
+
+    @property
+    def positive_controls(self) -> list[str]:
+        return list(self.positive_shift)
 
     @property
     def genes(self) -> list[str]:
@@ -106,10 +118,12 @@ class Biology:
         """Morphology shift of a perturbation (at a concentration, for compounds)."""
         if perturbation in self.gene_shift:
             return self.gene_shift[perturbation]
+        if perturbation in self.positive_shift:
+            return self.positive_shift[perturbation]
         for compound in self.compounds:
             if compound.name == perturbation:
                 return hill(concentration, compound.ec50_um) * compound.max_shift
-        if perturbation == NEGATIVE_CONTROL:
+        if perturbation in NEGATIVE_CONTROLS:
             return np.zeros_like(next(iter(self.gene_shift.values())))
         raise KeyError(perturbation)
 
@@ -140,15 +154,25 @@ class Biology:
                 dict(name=c.name, target=c.target, ec50_uM=round(c.ec50_um, 6), hill_slope=HILL_SLOPE)
                 for c in self.compounds
             ],
+            "positive_controls": self.positive_controls,
         }
 
 
-def plan_biology(spec, pairs: pd.DataFrame, num_params: int, rng: np.random.Generator) -> Biology:
-    """Draw modules, gene phenotypes and compounds for ``spec`` (a SyntheticScreenSpec)."""
+def plan_biology(spec, pairs: pd.DataFrame, num_params: int, rng: np.random.Generator, mask=None) -> Biology:
+    """Draw modules, gene phenotypes, compounds and positive controls for ``spec`` (a SyntheticScreenSpec).
+
+    ``mask`` (``num_params``): how much a phenotype may load on each parameter (0: it stays 0; a bool
+    mask works too).
+    """
+    mask = np.ones(num_params) if mask is None else np.asarray(mask, dtype=np.float64)
+
+    def directions(n: int) -> np.ndarray:
+        return _unit(rng.standard_normal((n, num_params)) * mask)
+
     modules = select_modules(pairs, spec.num_modules, spec.genes_per_module, rng)
     genes = [g for m in modules for g in m]
-    module_dir = _unit(rng.standard_normal((len(modules), num_params)))
-    private = _unit(rng.standard_normal((len(genes), num_params)))
+    module_dir = directions(len(modules))
+    private = directions(len(genes))
     share = spec.module_similarity
     module_index = np.repeat(np.arange(len(modules)), spec.genes_per_module)
     gene_dir = _unit(np.sqrt(share) * module_dir[module_index] + np.sqrt(1 - share) * private)
@@ -160,8 +184,15 @@ def plan_biology(spec, pairs: pd.DataFrame, num_params: int, rng: np.random.Gene
     compounds = []
     for j in range(spec.num_compounds):
         t = int(target_order[j % len(genes)])
-        own = _unit(rng.standard_normal(num_params))
+        own = directions(1)[0]
         direction = _unit(COMPOUND_TARGET_COSINE * gene_dir[t] + np.sqrt(1 - COMPOUND_TARGET_COSINE**2) * own)
         ec50 = float(10 ** rng.uniform(*np.log10(EC50_RANGE_UM)))
         compounds.append(Compound(f"CMPD-{j + 1:0{width}d}", genes[t], ec50, scale * direction))
-    return Biology(modules, gene_shift, compounds)
+    # From their own stream, keyed by name like every other draw, so adding positive controls leaves
+    # genes and compounds as they were.
+    own_rng = np.random.default_rng([int(spec.seed), zlib.crc32(b"positive_controls")])
+    positive_dir = _unit(own_rng.standard_normal((spec.positive_controls, num_params)) * mask)
+    positive = {
+        f"{POSITIVE_CONTROL_PREFIX}-{k + 1:02d}": POSITIVE_CONTROL_NORM * scale * d for k, d in enumerate(positive_dir)
+    }
+    return Biology(modules, gene_shift, compounds, positive)
