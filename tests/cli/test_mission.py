@@ -118,7 +118,7 @@ def test_metrics_json_holds_every_comparison(finished):
     assert (
         base["dim"] == 2 * channels(run)
         and 0 <= base["test_acc"] <= 1
-        and base["chance"] == saved["probe"]["blocks"][0]["chance"]
+        and base["chance"] == pytest.approx(saved["probe"]["blocks"][0]["chance"])
     )
     assert saved["test/acc"] == acc["arms"]["batch"]["top1"]  # what a multirun summary prints per job
     assert set(saved["seconds"]) >= {"train_batch", "train_random", "eval", "baseline", "total"}

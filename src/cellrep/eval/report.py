@@ -34,42 +34,13 @@ def probe_lines(table: pd.DataFrame, best: str, selected_on: str) -> list[str]:
 
 
 def benchmark_lines(metrics: dict[str, dict], skipped: dict[str, str]) -> list[str]:
-    lines = []
-    for corr, result in metrics.items():
-        lines.append(f"[{corr}]")
-        for source, r in result.get("recall", {}).items():
-            if "skipped" in r:
-                lines.append(f"  recall {source}: skipped ({r['skipped']})")
-                continue
-            keys = [k for k in r if "/" in k]
-            values = ", ".join(f"{k}: {_f(r[k])}" for k in keys)
-            chance = "/".join(f"{float(k.split('/')[0]) + 1 - float(k.split('/')[1]):.2f}" for k in keys)
-            lines.append(f"  recall {source} ({r['n_pairs']} pairs, {r['n_genes']} genes): {values}  (random {chance})")
-        if "consistency" in result:
-            c = result["consistency"]
-            frac = next(v for k, v in c.items() if k.startswith("frac_p_lt_"))
-            lines.append(
-                f"  consistency: {_f(frac)} of {c['n_perturbations']} perturbations p<0.05, "
-                f"median cosine {_f(c['median_cosine'])}"
-            )
-        if "dti" in result:
-            d = result["dti"]["max"]
-            lines.append(
-                f"  dti ({result['dti']['n_compounds']} compounds, max over doses): median AP "
-                f"{_f(d['ap']['median']['mean'])}±{_f(d['ap']['median']['std'])} vs random "
-                f"{_f(d['random_ap']['median']['mean'])}±{_f(d['random_ap']['median']['std'])}; median AUC "
-                f"{_f(d['auc']['median']['mean'])} vs {_f(d['random_auc']['median']['mean'])}"
-            )
-        if "classification" in result:
-            c = result["classification"]
-            extra = f", plate groups {_f(c['top1_plate_groups'])}" if "top1_plate_groups" in c else ""
-            lines.append(
-                f"  classification ({c['n_classes']} siRNAs, held-out wells {c['n_test_wells']}): top-1 "
-                f"{_f(c['top1'])}, top-5 {_f(c['top5'])}{extra} (chance {_f(c['chance'])})"
-            )
-    for name, why in skipped.items():
-        lines.append(f"skipped {name}: {why}")
-    return lines
+    """The console form of :func:`benchmark_rows`: one aligned row per number, one column per correction."""
+    if not metrics:
+        return [f"skipped {name}: {why}" for name, why in skipped.items()]
+    header, rows = benchmark_rows(metrics)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return lines + [f"skipped {name}: {why}" for name, why in skipped.items()]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -243,14 +214,21 @@ def benchmark_rows(metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]
             c = result["classification"]
             put(f"classification top-1 ({c['n_classes']} classes)", corr, c["top1"], f"chance {_f(c['chance'])}")
             put("classification top-5", corr, c["top5"])
+            if "top1_plate_groups" in c:
+                put("classification top-1, plate groups assigned", corr, c["top1_plate_groups"])
             if "knn_top1" in c:
                 put("classification 1-NN top-1 (cosine)", corr, c["knn_top1"], f"chance {_f(c['chance'])}")
         if "mean_map" in result.get("map_activity", {}):
             m = result["map_activity"]
             put(f"mAP activity ({m['n']} perturbations)", corr, m["mean_map"], f"shuffled {_f(m['shuffled_mean_map'])}")
-            put("mAP activity: share retrieved at q<0.05", corr, m["frac_retrieved"], _f(m["shuffled_frac_retrieved"]))
+            put(
+                "mAP activity: share retrieved at q<0.05",
+                corr,
+                m["frac_retrieved"],
+                f"shuffled {_f(m['shuffled_frac_retrieved'])}",
+            )
         for part, m in result.get("map_consistency", {}).items():
-            if "mean_map" in m:
+            if isinstance(m, dict) and "mean_map" in m:  # parts are dicts; null_size/threshold are settings
                 put(f"mAP consistency {part} ({m['n']})", corr, m["mean_map"], f"shuffled {_f(m['shuffled_mean_map'])}")
         if "median_energy" in result.get("magnitude", {}):
             m = result["magnitude"]
