@@ -93,6 +93,23 @@ def test_recall_after_tvn_is_clearly_above_random(evaluated):
     assert tvn["0.05/0.95"] > 0.10 + LO and tvn["0.1/0.9"] > 0.20 + HI, tvn  # random: 0.10 / 0.20
 
 
+def test_recall_is_chance_when_the_gene_labels_are_shuffled(evaluated):
+    """A broken pipeline (wells carrying the wrong gene's name) must not pass the recall bar above."""
+    import numpy as np
+
+    from cellrep.eval.embeddings import Embeddings, read_embeddings
+    from cellrep.eval.recall import recall_benchmark
+
+    _, run = evaluated
+    emb = read_embeddings(run / "embeddings_tvn.parquet")
+    meta = emb.meta.copy()
+    genes = emb.genetic_mask()
+    meta.loc[genes, "perturbation"] = np.random.default_rng(0).permutation(meta.loc[genes, "perturbation"].to_numpy())
+    shuffled = recall_benchmark(Embeddings(meta, emb.features), sources=["StringDB"])["StringDB"]
+    summed = shuffled["0.05/0.95"] + shuffled["0.1/0.9"]
+    assert summed < 0.30 + (LO + HI) / 2, shuffled  # random 0.30; the trained model must beat 0.30 + LO + HI
+
+
 def test_dti_average_precision_above_random_baseline(evaluated):
     metrics, _ = evaluated
     dti = metrics["benchmarks"]["tvn"]["dti"]
