@@ -378,6 +378,7 @@ class ProbeTrainingConfig:
     epochs: int = 30
     batch_size: int = 256
     weight_decay: float = 1e-4
+    knn: bool = True  # also 1-nearest-neighbour (cosine) accuracy and macro-F1 per block (CHAMMI)
 
     def __post_init__(self) -> None:
         if not self.lrs or min(self.lrs) <= 0 or self.epochs < 1 or self.batch_size < 2:
@@ -391,8 +392,16 @@ class ProbeTrainingConfig:
 class RecallConfig:
     sources: list[str] = field(default_factory=lambda: ["StringDB", "HuMAP", "Reactome"])
     thresholds: list[list[float]] = field(default_factory=lambda: [[0.05, 0.95], [0.1, 0.9]])
+    # lower-tail fractions q of the recall-against-threshold plot: recall at (q, 1 - q) each; [] for none
+    curve: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4])
 
     def __post_init__(self) -> None:
+        bad_curve = [q for q in self.curve if not 0.0 < q < 0.5]
+        if bad_curve:
+            raise CellrepError(
+                f"benchmarks.recall.curve {bad_curve}: each lower-tail fraction must be in (0, 0.5)",
+                fix="use e.g. benchmarks.recall.curve=[0.01,0.05,0.1,0.2]",
+            )
         for pair in self.thresholds:
             if len(pair) != 2 or not 0.0 <= pair[0] < pair[1] <= 1.0:
                 raise CellrepError(
@@ -520,6 +529,24 @@ class CorrectionConfig:
 
 
 @dataclass
+class PlotsConfig:
+    """cellrep-eval's optional plots (docs/benchmarks.md "Plots")."""
+
+    umap: bool = True  # UMAP of the well embeddings before and after each correction
+    umap_max_wells: int = 2000  # a seeded subsample of this many wells (the same wells for every correction)
+    umap_neighbors: int = 15
+    umap_min_dist: float = 0.1
+    umap_metric: str = "cosine"
+    color_by: str = "auto"  # biology colour: a metadata column, or auto (module, else target / gene, see docs)
+    max_colors: int = 10  # the most frequent labels get a colour each, the rest are "other"
+
+    def __post_init__(self) -> None:
+        _at_least("plots.umap_max_wells", self.umap_max_wells, 10)
+        _at_least("plots.umap_neighbors", self.umap_neighbors, 2)
+        _at_least("plots.max_colors", self.max_colors, 1)
+
+
+@dataclass
 class ProbeRunConfig:
     """cellrep-probe: ``ckpt_path`` plus probe settings; data/split come from the training run."""
 
@@ -552,6 +579,7 @@ class EvalRunConfig(ProbeRunConfig):
     probe_results: Optional[str] = None  # probe.json of a cellrep-probe run, for block=best
     corrections: list[str] = field(default_factory=lambda: ["none", "pca_centerscale", "tvn"])
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)  # sphering / harmony settings
+    plots: PlotsConfig = field(default_factory=PlotsConfig)
     write_corrected: bool = True
     benchmarks: Any = None
     task: dict[str, Any] = field(default_factory=lambda: {"name": "eval"})

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 import cellrep
 from cellrep.annotations import load_pairs, resolve_annotation_path
 from cellrep.data.schema import NEGATIVE_CONTROL, RXRX1_CHANNELS, make_site_id
+from cellrep.data.sources import synthetic_cells as cells
 from cellrep.data.sources import synthetic_modules as planted
 from cellrep.data.sources.synthetic_cells import (
     GLOBAL_PARAMS,
@@ -79,15 +80,14 @@ INTERACTION = 0.6
 # learns an experiment's distortion from all of its wells when the experiment is in
 # training (random split), and cannot when it is held out (batch split).
 DISTORTION = 0.3
-# Plate slot: plate p ≥ 2 of every experiment shifts morphology by a fixed vector of length
-# ``spec.slot_drift`` (per unit batch_effect_strength) along parameters that per-plate control
-# normalization of the pixels cannot undo (density, sizes, texture). Plate 1 is the reference:
-# one-plate screens see none.
 # Experiment morphology drift: seeding density, serum and passage change how big, how many and how
 # textured the cells of a whole experiment are (per unit batch_effect_strength). The controls share it,
 # so pixel normalization cannot remove it; a model that never saw the experiment must see past it.
 EXPERIMENT_MORPHOLOGY_DRIFT = 0.8
 EXPERIMENT_MORPHOLOGY_PARAMS = ("nucleus_size", "cell_density", "cytoplasm_ratio", "texture_scale", "membrane_width")
+# Plate slot: plate p ≥ 2 of every experiment shifts morphology by a fixed vector of length
+# ``spec.slot_drift`` (per unit batch_effect_strength) along these parameters, which per-plate control
+# normalization of the pixels cannot undo. Plate 1 is the reference: one-plate screens see none.
 SLOT_PARAMS = ("nucleus_size", "cell_density", "cytoplasm_ratio", "elongation", "texture_scale", "membrane_width")
 
 
@@ -229,6 +229,12 @@ def _generator_constants() -> dict[str, float]:
         effect_norm=planted.EFFECT_NORM,
         compound_target_cosine=planted.COMPOUND_TARGET_COSINE,
         hill_slope=planted.HILL_SLOPE,
+        positive_control_norm=planted.POSITIVE_CONTROL_NORM,
+        cell_brightness=cells.CELL_BRIGHTNESS,
+        site_level_jitter=cells.SITE_LEVEL_JITTER,
+        spread_per_level=cells.SPREAD_PER_LEVEL,
+        spot_weight=cells.SPOT_WEIGHT,
+        channel_texture_weight=cells.CHANNEL_TEXTURE_WEIGHT,
     )
 
 

@@ -65,7 +65,7 @@ def morphology_mask(num_channels: int) -> np.ndarray:
     return mask
 
 
-# How strongly phenotypes load on each kind of parameter: on what a 48-pixel site shows clearly
+# How strongly phenotypes load on each kind of parameter: on what a 40-pixel site shows clearly
 # (sizes, shape, count, arrangement) more than on spot counts and per-channel texture amplitude, which
 # the fixed per-channel spread and the focus blur leave hard to see.
 SPOT_WEIGHT, CHANNEL_TEXTURE_WEIGHT = 0.6, 0.4
