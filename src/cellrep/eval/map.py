@@ -39,6 +39,10 @@ from cellrep.eval.embeddings import GENETIC, Embeddings
 from cellrep.eval.recall import gene_embeddings
 
 log = logging.getLogger(__name__)
+# copairs logs every stage of every call at INFO ("Indexing metadata...", a dozen lines per mAP): in a
+# run that computes mAP per correction and per part that buries cellrep's own progress, so only its
+# warnings pass.
+logging.getLogger("copairs").setLevel(logging.WARNING)
 PLATE_KEY = "plate_key"  # derived column: experiment/plate (experiment alone without a plate column)
 LABEL = "_map_label"
 CONTROL = "_map_control"
