@@ -1,4 +1,4 @@
-"""Evaluation cost: TVN batch correction and known-relationship recall at screen scale.
+"""Evaluation cost: every batch correction and benchmark stage of cellrep-eval at screen scale.
 
 Issue 7 bar: on 20,000 wells × 1,024 features and ~5,000 genes, recall and
 TVN finish in seconds, not minutes (vectorized). Uses the public functions of
@@ -7,6 +7,17 @@ TVN finish in seconds, not minutes (vectorized). Uses the public functions of
 negative-control wells, 4 wells per gene, and 100,000 random annotated pairs
 (the shipped annotation files are ~10⁴–10⁵ pairs). Each stage is timed
 ``--repeats`` times; the table shows medians. numpy uses its default threads.
+
+Issue 14 stages, at their config defaults (docs/benchmarks.md), each once on the TVN-corrected wells
+(cellrep-eval runs each benchmark once per correction): the corrections ``sphering`` and ``harmony``
+(when harmonypy is installed), ``map_activity`` (copairs, null 10,000, shuffled baseline),
+``map_consistency`` (gene relationships of the random pairs and compound targets, 500 profiles a
+part), ``magnitude`` (energy distance, null 1,000, 200 controls per batch), ``correction_scores``
+(the raw metrics of one correction on 3,000 wells, then the ranking), and the report's UMAP of 2,000
+wells (umap-learn; its first call in a process includes numba's compilation, timed separately).
+The screen has 5% compound wells (``--compound-share``; 5 wells per compound, one random target
+gene each) so the target part of ``map_consistency`` runs too. ``--skip-new`` leaves these out;
+``--quick`` runs them with small nulls and without the UMAP.
 
 TVN is timed twice side by side: the current ``correct(emb, "tvn")`` (CORAL from
 the SVD of each experiment's control rows) and the previous implementation, one
@@ -37,19 +48,83 @@ from cellrep.eval.embeddings import Embeddings  # noqa: E402
 from cellrep.eval.recall import cosine_matrix, gene_embeddings, pair_recall  # noqa: E402
 
 
-def screen(wells: int, dim: int, genes: int, experiments: int, seed: int = 0) -> Embeddings:
+def screen(wells: int, dim: int, genes: int, experiments: int, seed: int = 0, compound_share: float = 0.0):
     rng = np.random.default_rng(seed)
     control = rng.random(wells) < 0.05
-    gene = np.array([f"G{i:05d}" for i in range(genes)])[rng.integers(0, genes, wells)]
+    names = np.array([f"G{i:05d}" for i in range(genes)])
+    gene = names[rng.integers(0, genes, wells)]
+    compound = ~control & (rng.random(wells) < compound_share / 0.95)
+    n_compounds = max(1, int(compound.sum()) // 5)
+    which = rng.integers(0, n_compounds, wells)
+    targets = names[rng.integers(0, genes, n_compounds)]
     meta = pd.DataFrame(
         {
             "experiment": [f"E{i % experiments:02d}" for i in range(wells)],
-            "perturbation": np.where(control, "EMPTY_control", gene),
-            "perturbation_type": np.where(control, "control", "CRISPR"),
+            "perturbation": np.where(
+                control, "EMPTY_control", np.where(compound, [f"CMP{j:04d}" for j in which], gene)
+            ),
+            "perturbation_type": np.where(control, "control", np.where(compound, "COMPOUND", "CRISPR")),
             "well_type": np.where(control, "negative_control", "treatment"),
+            "target": np.where(compound, targets[which], ""),
         }
     )
     return Embeddings(meta, rng.standard_normal((wells, dim), dtype=np.float32))
+
+
+def new_stages(emb: Embeddings, corrected: Embeddings, pairs: pd.DataFrame, timed, quick: bool, umap: bool) -> None:
+    """Issue 14's corrections and benchmarks, each through its public function at the config defaults."""
+    import tempfile
+    from importlib.util import find_spec
+
+    from cellrep.config import CorrectionScoresConfig, MagnitudeConfig, MapActivityConfig, MapConsistencyConfig
+    from cellrep.eval import scores
+    from cellrep.eval.batch_correction import CorrectionSettings
+    from cellrep.eval.magnitude import magnitude_benchmark
+    from cellrep.eval.map import map_activity, map_consistency
+
+    ma, mc, mg, cs = MapActivityConfig(), MapConsistencyConfig(), MagnitudeConfig(), CorrectionScoresConfig()
+    null = 200 if quick else ma.null_size
+    timed("correction: sphering (ZCA on controls)", lambda: correct(emb, "sphering"))
+    if find_spec("harmonypy") is not None:
+        timed("correction: harmony (harmonypy, 50 PCs)", lambda: correct(emb, "harmony", CorrectionSettings()))
+    with tempfile.TemporaryDirectory(prefix="cellrep-copairs-") as cache:
+        timed(
+            f"map_activity (copairs, null {null:,})",
+            lambda: map_activity(corrected, null_size=null, threshold=ma.threshold, seed=0, cache_dir=cache),
+        )
+        res = timed(
+            f"map_consistency (copairs, ≤{mc.max_profiles} profiles a part)",
+            lambda: map_consistency(
+                corrected,
+                {"random": pairs},
+                None,
+                null_size=null,
+                threshold=mc.threshold,
+                max_profiles=mc.max_profiles,
+                seed=0,
+                cache_dir=cache,
+            ),
+        )
+        assert "skipped" not in res.metrics, res.metrics
+    timed(
+        f"magnitude (energy distance, null {50 if quick else mg.null_samples:,})",
+        lambda: magnitude_benchmark(
+            corrected, null_samples=50 if quick else mg.null_samples, max_controls=mg.max_controls, seed=0
+        ),
+    )
+    rows = timed("correction_scores: scored wells", lambda: scores.scored_wells(corrected, cs.max_wells, 0))
+    raw = timed(
+        f"correction_scores: raw metrics of one correction ({len(rows):,} wells)",
+        lambda: scores.raw_scores(corrected, rows, cs.knn, cs.pcr_components, cs.lisi_perplexity),
+    )
+    timed("correction_scores: ranking", lambda: scores.correction_scores({"none": raw, "tvn": dict(raw)}))
+    if umap:
+        from cellrep.config import PlotsConfig
+        from cellrep.eval.plots import umap_coordinates
+
+        n = PlotsConfig().umap_max_wells
+        timed("UMAP: first call (numba compilation, 100 wells)", lambda: umap_coordinates({"tvn": corrected}, 100))
+        timed(f"UMAP of one correction ({n:,} wells)", lambda: umap_coordinates({"tvn": corrected}, n))
 
 
 def tvn_eigh_per_experiment(emb: Embeddings) -> np.ndarray:
@@ -77,10 +152,13 @@ def main(argv=None) -> None:
     p.add_argument("--pairs", type=int, default=100_000)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--skip-old", action="store_true", help="do not time the previous (eigh) TVN")
+    p.add_argument("--skip-new", action="store_true", help="do not time the issue-14 corrections and benchmarks")
+    p.add_argument("--skip-umap", action="store_true", help="do not time the report's UMAP")
+    p.add_argument("--compound-share", type=float, default=0.05)
     a = p.parse_args(argv)
     if a.quick:
         a.wells, a.dim, a.genes, a.experiments, a.pairs, a.repeats = 800, 16, 50, 4, 200, 1
-    emb = screen(a.wells, a.dim, a.genes, a.experiments)
+    emb = screen(a.wells, a.dim, a.genes, a.experiments, compound_share=a.compound_share)
     rng = np.random.default_rng(1)
     names = np.array([f"G{i:05d}" for i in range(a.genes)])
     pairs = pd.DataFrame({"gene_a": rng.choice(names, a.pairs), "gene_b": rng.choice(names, a.pairs)})
@@ -102,15 +180,16 @@ def main(argv=None) -> None:
         genes, x = timed("recall: gene means (gene_embeddings)", lambda: gene_embeddings(corrected))
         cos = timed("recall: gene×gene cosine (cosine_matrix)", lambda: cosine_matrix(x))
         res = timed("recall: null + pairs (pair_recall)", lambda: pair_recall(genes, cos, pairs))
+        if not a.skip_new:
+            new_stages(emb, corrected, pairs, timed, a.quick, umap=not (a.quick or a.skip_umap))
     rows = [[k, f"{median(v):.2f}", f"{median(cpu[k]):.2f}"] for k, v in times.items()]
-    now = [k for k in times if not k.startswith("TVN before")]
-    rows.append(
-        [
-            "**total (TVN now + recall)**",
-            f"{sum(median(times[k]) for k in now):.2f}",
-            f"{sum(median(cpu[k]) for k in now):.2f}",
-        ]
-    )
+    old_stages = [k for k in times if k.startswith(("TVN now", "recall:"))]
+    added = [k for k in times if k not in old_stages and not k.startswith("TVN before")]
+    for label, keys in (("**total (TVN now + recall)**", old_stages), ("**total (issue 14 stages)**", added)):
+        if keys:
+            rows.append(
+                [label, f"{sum(median(times[k]) for k in keys):.2f}", f"{sum(median(cpu[k]) for k in keys):.2f}"]
+            )
     print(f"# machine: {machine()}")
     print(
         f"# {a.wells:,} wells × {a.dim:,} features, {a.experiments} experiments, {len(genes):,} genes, "

@@ -96,6 +96,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     if any("recall" in m for m in suite.metrics.values()):
         plot_files["recall"] = plots.recall_bars(suite.metrics, run.path / "recall.png")
+    if "recall_curve" in suite.tables:
+        plot_files["recall_curve"] = plots.recall_curve(suite.tables["recall_curve"], run.path / "recall_curve.png")
+    maps = {k.removeprefix("map_activity_"): t for k, t in suite.tables.items() if k.startswith("map_activity_")}
+    if maps:
+        threshold = float(benchmarks["map_activity"]["threshold"])
+        plot_files["map_activity"] = plots.map_significance(maps, run.path / "map_activity.png", threshold)
+    if cfg.plots.umap and suite.corrected:
+        p = cfg.plots
+        plot_files["umap"] = plots.umap_grid(
+            suite.corrected,
+            run.path / "umap.png",
+            int(p.umap_max_wells),
+            int(cfg.seed),
+            int(p.umap_neighbors),
+            float(p.umap_min_dist),
+            str(p.umap_metric),
+            str(p.color_by),
+            int(p.max_colors),
+        )
     if suite.dti_per_compound:
         primary = "tvn" if "tvn" in suite.dti_per_compound else next(reversed(suite.dti_per_compound))
         table = suite.dti_per_compound[primary]

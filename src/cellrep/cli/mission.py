@@ -53,7 +53,7 @@ from cellrep.eval import plots
 from cellrep.eval.baselines import intensity_baseline
 from cellrep.eval.checkpoint import build_eval_datamodule, eval_data_config
 from cellrep.eval.pipeline import probe_settings
-from cellrep.eval.report import mission_comparisons, mission_head_lines, write_mission_markdown
+from cellrep.eval.report import EVAL_PLOTS, mission_comparisons, mission_head_lines, write_mission_markdown
 
 log = logging.getLogger("cellrep.cli.mission")
 register_configs()
@@ -208,7 +208,7 @@ def mission(cfg: DictConfig) -> dict[str, Any]:
     probe_table = pd.read_csv(probe_csv) if probe_csv.is_file() else None
     comparisons = mission_comparisons(arm_metrics, cfg.evaluate_arm, eval_metrics)
     plot_files = {"comparisons": plots.mission_comparisons(comparisons, run.path / "comparisons.png")}
-    for name in ("probe", "recall", "dti"):
+    for name, _ in EVAL_PLOTS:
         if (eval_dir / f"{name}.png").is_file():
             plot_files[name] = eval_dir / f"{name}.png"
 

@@ -6,7 +6,9 @@ Reads the run's data and split (``<run>/config.yaml``), records the pooled
 feature of every block (every stage of a CNN) in ONE pass over all sites,
 trains a BatchNorm + linear probe per block and learning rate on the training
 experiments, picks each block's learning rate on validation and scores the
-held-out experiments (docs/benchmarks.md). Writes ``probe.csv``, ``probe.json``,
+held-out experiments (docs/benchmarks.md); next to each probe, 1-nearest-neighbour (cosine)
+classification of the held-out rows against the training rows (``knn_top1``, ``knn_macro_f1``;
+``probe.knn=false`` to skip). Writes ``probe.csv``, ``probe.json``,
 ``probe.png`` and ``metrics.json``; prints the table and the best block and
 logs them to the configured loggers.
 """
@@ -48,11 +50,16 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
     prep = prepare(cfg)
     cfg.model = {"name": prep.model["name"]}  # logger names refer to ${model.name}
     start = time.perf_counter()
-    feats, sites, result = probe_all_blocks(prep, probe_settings(cfg), progress=cfg.progress)
+    settings = probe_settings(cfg)
+    settings.knn = bool(cfg.probe.get("knn", True))
+    feats, sites, result = probe_all_blocks(prep, settings, progress=cfg.progress)
     seconds = time.perf_counter() - start
     outputs = save_probe_outputs(run.path, result)
 
     summary = probe_summary(result)
+    if "knn_top1" in result.table:
+        for col in ("knn_top1", "knn_macro_f1"):
+            summary[col] = {r["block"]: float(r[col]) for r in result.table.to_dict(orient="records")}
     metrics: dict[str, Any] = {
         "probe": summary,
         "model": prep.model["name"],
@@ -68,6 +75,8 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
     }
     flat = {f"probe/test_acc/{b}": v for b, v in summary["test_acc"].items()}
     flat.update({f"probe/val_acc/{b}": v for b, v in summary["val_acc"].items()})
+    for col in ("knn_top1", "knn_macro_f1"):
+        flat.update({f"probe/{col}/{b}": v for b, v in summary.get(col, {}).items()})
     flat.update(
         {"probe/best_block_index": summary["best_block_index"], "probe/best_test_acc": summary["best_test_acc"]}
     )
@@ -77,6 +86,7 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
     run.write_metrics(metrics)
 
     print("\n".join(probe_lines(result.table, result.best_block, result.selected_on)))
+    print("\n".join(knn_lines(result.table)))
     print(
         f"best block: {result.best_block} (index {summary['best_block_index']}), held-out top-1 "
         f"{summary['best_test_acc']:.3f} (chance {summary['chance']:.3f}); {len(result.table)} blocks from one "
@@ -84,6 +94,17 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
     )
     print(f"  outputs: {run.path}")
     return metrics
+
+
+def knn_lines(table) -> list[str]:
+    """The kNN column next to the probes: 1-NN (cosine) of held-out rows against training rows, per block."""
+    if "knn_top1" not in table:
+        return []
+    lines = ["1-nearest-neighbour (cosine, CHAMMI) per block, held-out vs training rows:"]
+    lines.append(f"  {'block':<12} {'kNN top-1':>9} {'macro-F1':>8} {'probe top-1':>11}")
+    for r in table.itertuples():
+        lines.append(f"  {r.block:<12} {r.knn_top1:>9.3f} {r.knn_macro_f1:>8.3f} {r.test_acc:>11.3f}")
+    return lines
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="probe")

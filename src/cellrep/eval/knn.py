@@ -17,9 +17,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)
 
 
-def nearest_neighbour(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Label of the most cosine-similar training row for each test row (ties: the first training row)."""
+def nearest_neighbour(
+    train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, chunk: int = 4096, max_block: int = 2**25
+) -> np.ndarray:
+    """Label of the most cosine-similar training row for each test row (ties: the first training row).
+
+    Test rows go in chunks of at most ``chunk`` rows and ``max_block`` similarities (256 MiB of float64),
+    so memory stays bounded on site-level probe features too."""
     a, b = _unit(train), _unit(test)
+    chunk = max(1, min(chunk, max_block // max(1, len(a))))
     out = np.empty(len(b), dtype=np.asarray(train_labels).dtype)
     for start in range(0, len(b), chunk):
         sims = b[start : start + chunk] @ a.T
@@ -42,11 +48,15 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-def knn_metrics(features: np.ndarray, labels: np.ndarray, stage: np.ndarray) -> dict:
-    """``knn_top1`` and ``knn_macro_f1`` of test wells (stage == "test") against all other wells."""
-    test = np.asarray(stage) == "test"
-    if not test.any() or test.all():
+def knn_metrics(features: np.ndarray, labels: np.ndarray, stage: np.ndarray, reference: tuple[str, ...] = ()) -> dict:
+    """``knn_top1`` and ``knn_macro_f1`` of test rows (stage == "test") against the reference rows:
+    the rows whose stage is in ``reference``, or every other row when it is empty."""
+    stage = np.asarray(stage)
+    test = stage == "test"
+    ref = np.isin(stage, list(reference)) & ~test if reference else ~test
+    if not test.any() or not ref.any():
         return {}
-    pred = nearest_neighbour(features[~test], np.asarray(labels)[~test], features[test])
+    features = np.asarray(features)
+    pred = nearest_neighbour(features[ref], np.asarray(labels)[ref], features[test])
     y = np.asarray(labels)[test]
     return {"knn_top1": float(np.mean(pred == y)), "knn_macro_f1": macro_f1(y, pred)}

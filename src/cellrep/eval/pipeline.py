@@ -68,6 +68,7 @@ def probe_settings(cfg: DictConfig) -> ProbeSettings:
         epochs=int(p.epochs),
         batch_size=int(p.batch_size),
         weight_decay=float(p.weight_decay),
+        knn=bool(p.get("knn", True)),
         seed=int(cfg.seed),
     )
 

@@ -1,5 +1,6 @@
-"""The three pictures of an evaluation (docs/benchmarks.md): accuracy per block, recall per
-annotation source raw vs corrected, and the DTI AP distribution against its random baseline."""
+"""The pictures of an evaluation (docs/benchmarks.md "Plots"): accuracy per block, recall per
+annotation source raw vs corrected, recall against threshold, the DTI AP distribution against its
+random baseline, mAP against −log10 q per perturbation, and UMAP before and after each correction."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from cellrep.annotations import strip_guide_suffix  # noqa: E402
+from cellrep.errors import CellrepError  # noqa: E402
+from cellrep.eval.embeddings import GENETIC, Embeddings  # noqa: E402
+from cellrep.eval.map import check_columns  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -117,4 +123,158 @@ def mission_comparisons(comparisons: dict, path: Path) -> Path:
         axes[2].set_title("zero-shot DTI: not run")
     for ax in axes[1:]:
         ax.tick_params(axis="x", labelsize=8)
+    return _save(fig, path)
+
+
+def recall_curve(curve: pd.DataFrame, path: Path) -> Path:
+    """Recall against the symmetric threshold (q, 1 − q): one panel per annotation source, one line per
+    correction, the random expectation 2q dashed. ``curve``: the suite's ``recall_curve`` table."""
+    sources = list(dict.fromkeys(curve["source"]))
+    fig, axes = plt.subplots(1, len(sources), figsize=(3.6 * len(sources) + 0.6, 3.2), squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        part = curve[curve["source"] == source]
+        for corr, line in part.groupby("correction", sort=False):
+            line = line.sort_values("lower")
+            ax.plot(line["lower"], line["recall"], "o-", ms=3, label=corr)
+        q = np.sort(part["lower"].unique())
+        ax.plot(q, 2 * q, color="grey", ls="--", lw=1, label="random (2q)")
+        ax.set_xlabel("threshold q (both tails: q and 1 − q)")
+        ax.set_ylabel("recall")
+        ax.set_title(f"{source} ({int(part['n_pairs'].iloc[0])} pairs)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("known-relationship recall against threshold", fontsize=10)
+    return _save(fig, path)
+
+
+def map_significance(tables: dict[str, pd.DataFrame], path: Path, threshold: float = 0.05) -> Path:
+    """mAP against −log10 q (BH-corrected p) per perturbation, one panel per correction, coloured by
+    perturbation type; the dashed line is the retrieval threshold. ``tables``: correction → the
+    ``map_activity`` table of that correction."""
+    fig, axes = plt.subplots(1, len(tables), figsize=(3.4 * len(tables) + 0.6, 3.2), squeeze=False, sharey=True)
+    for ax, (corr, table) in zip(axes[0], tables.items()):
+        q = np.clip(table["corrected_p_value"].to_numpy(dtype=float), 1e-300, 1.0)
+        y = -np.log10(q)
+        kinds = (
+            table["perturbation_type"].astype(str) if "perturbation_type" in table else pd.Series("all", table.index)
+        )
+        for kind in sorted(kinds.unique()):
+            rows = (kinds == kind).to_numpy()
+            ax.scatter(table["mean_average_precision"].to_numpy()[rows], y[rows], s=10, alpha=0.7, label=kind)
+        ax.axhline(-np.log10(threshold), color="grey", ls="--", lw=1, label=f"q = {threshold:g}")
+        retrieved = float(np.mean(q < threshold)) if len(q) else float("nan")
+        ax.set_title(f"{corr}: {retrieved:.0%} of {len(q)} retrieved", fontsize=9)
+        ax.set_xlabel("mAP")
+        ax.set_xlim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("−log10 q")
+    fig.suptitle("phenotypic activity (map_activity) per perturbation", fontsize=10)
+    return _save(fig, path)
+
+
+def biology_labels(meta: pd.DataFrame, color_by: str = "auto", max_colors: int = 10) -> np.ndarray:
+    """The UMAP's biology colour per well: ``color_by`` names a metadata column, or ``auto``: the
+    ``module`` column when there is one, else what a well acts on (a compound's ``target``, a genetic
+    perturbation's gene); controls are "control"; beyond the ``max_colors`` most frequent, "other"."""
+    control = (meta["well_type"].astype(str) != "treatment").to_numpy() if "well_type" in meta else None
+    if color_by != "auto":
+        check_columns("plots.color_by", [color_by], meta.columns)
+        labels = meta[color_by].astype(str).to_numpy(dtype=object)
+    elif "module" in meta.columns:
+        labels = meta["module"].astype(str).to_numpy(dtype=object)
+    else:
+        labels = strip_guide_suffix(meta["perturbation"].astype(str)).to_numpy(dtype=object)
+        if "target" in meta.columns:
+            target = meta["target"].fillna("").astype(str).str.split("|").str[0].str.strip().to_numpy(dtype=object)
+            genetic = (
+                meta["perturbation_type"].astype(str).isin(GENETIC).to_numpy()
+                if "perturbation_type" in meta
+                else np.zeros(len(meta), bool)
+            )
+            use = (target != "") & ~genetic
+            labels[use] = target[use]
+    if control is not None:
+        labels[control] = "control"
+    counts = pd.Series(labels[labels != "control"]).value_counts()
+    keep = set(counts.index[:max_colors])
+    return np.array([lab if lab in keep or lab == "control" else "other" for lab in labels], dtype=object)
+
+
+def umap_coordinates(
+    corrected: dict[str, Embeddings],
+    max_wells: int = 2000,
+    seed: int = 0,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+    metric: str = "cosine",
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(rows, correction → rows × 2 UMAP coordinates): one UMAP per correction, fit on the same seeded
+    subsample of at most ``max_wells`` wells, ``random_state=seed`` (umap-learn, one thread)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numba / umap import-time notices
+            import umap
+    except ImportError as exc:
+        raise CellrepError(
+            f"the UMAP plot needs umap-learn ({exc})", fix="pip install 'umap-learn>=0.5', or pass plots.umap=false"
+        ) from None
+
+    n = len(next(iter(corrected.values())))
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=max_wells, replace=False)) if n > max_wells else np.arange(n)
+    out = {}
+    for method, emb in corrected.items():
+        x = np.nan_to_num(np.asarray(emb.features[rows], dtype=np.float32))
+        reducer = umap.UMAP(
+            n_neighbors=min(n_neighbors, len(rows) - 1),
+            min_dist=min_dist,
+            metric=metric,
+            random_state=seed,
+            n_jobs=1,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "n_jobs overridden by random_state", small-data notices
+            out[method] = np.asarray(reducer.fit_transform(x), dtype=np.float64)
+    return rows, out
+
+
+def _scatter_labels(ax, xy: np.ndarray, labels: np.ndarray, legend: bool) -> None:
+    names = [n for n in dict.fromkeys(sorted(labels, key=lambda v: (v in ("control", "other"), v)))]
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    for i, name in enumerate(names):
+        rows = labels == name
+        colour = {"control": "lightgrey", "other": "darkgrey"}.get(name, cmap(i % cmap.N))
+        ax.scatter(xy[rows, 0], xy[rows, 1], s=4, alpha=0.7, color=colour, label=name, linewidths=0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if legend:
+        ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
+def umap_grid(
+    corrected: dict[str, Embeddings],
+    path: Path,
+    max_wells: int = 2000,
+    seed: int = 0,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+    metric: str = "cosine",
+    color_by: str = "auto",
+    max_colors: int = 10,
+) -> Path:
+    """UMAP of the well embeddings, one row per correction (``none`` = before), coloured by experiment
+    (left) and by biology (right, :func:`biology_labels`)."""
+    rows, coords = umap_coordinates(corrected, max_wells, seed, n_neighbors, min_dist, metric)
+    meta = next(iter(corrected.values())).meta.iloc[rows]
+    experiment = meta["experiment"].astype(str).to_numpy(dtype=object)
+    biology = biology_labels(meta, color_by, max_colors)
+    fig, axes = plt.subplots(len(coords), 2, figsize=(8.5, 3.2 * len(coords)), squeeze=False)
+    for r, (method, xy) in enumerate(coords.items()):
+        _scatter_labels(axes[r][0], xy, experiment, legend=len(set(experiment)) <= 20)
+        _scatter_labels(axes[r][1], xy, biology, legend=True)
+        axes[r][0].set_ylabel("raw (none)" if method == "none" else method)
+    axes[0][0].set_title("by experiment", fontsize=9)
+    axes[0][1].set_title("by module / target" if color_by == "auto" else f"by {color_by}", fontsize=9)
+    fig.suptitle(f"UMAP of {len(rows)} wells ({metric}), before and after each correction", fontsize=10)
     return _save(fig, path)

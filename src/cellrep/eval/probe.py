@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from cellrep.config import ProbeTrainingConfig
 from cellrep.errors import CellrepError
+from cellrep.eval.knn import knn_metrics
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,10 @@ def train_probes(
     (int class ids) and ``stage`` ("train" / "val" / "test"). The learning rate
     is chosen per block on "val" rows; the best block is the one with the best
     validation accuracy (ties: mean validation accuracy over learning rates,
-    then the deeper block), so held-out rows never choose anything.
+    then the deeper block), so held-out rows never choose anything. With
+    ``settings.knn`` each block also gets ``knn_top1`` / ``knn_macro_f1``: 1-nearest-neighbour (cosine)
+    classification of the held-out rows against the training rows (CHAMMI's protocol,
+    :mod:`cellrep.eval.knn`); they choose nothing either.
     """
     stage = np.asarray(stage).astype(str)
     labels = np.asarray(labels, dtype=np.int64)
@@ -178,6 +182,10 @@ def train_probes(
                 },
             }
         )
+        if settings.knn:  # CHAMMI: each held-out row takes the label of its most cosine-similar training row
+            knn = knn_metrics(np.asarray(features[name]), labels, stage, reference=("train",))
+            rows[-1]["knn_top1"] = knn.get("knn_top1", float("nan"))
+            rows[-1]["knn_macro_f1"] = knn.get("knn_macro_f1", float("nan"))
         if keep_logits:
             logits_out[name] = acc["test"][2][best].numpy()
     table = pd.DataFrame(rows)

@@ -47,6 +47,30 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+# The plots of a cellrep-eval run (key = file stem in its run dir), in report order; the mission shows them too.
+EVAL_PLOTS = (
+    ("probe", "Probe accuracy per block"),
+    ("recall", "Recall per annotation source"),
+    ("recall_curve", "Recall against threshold, raw vs each correction"),
+    ("dti", "Zero-shot DTI: AP per compound vs random"),
+    ("map_activity", "Phenotypic activity: mAP against -log10 q per perturbation"),
+    ("correction_ranking", "Batch corrections: batch removal vs biology conserved"),
+    ("umap", "UMAP of well embeddings before and after each correction"),
+)
+
+
+def probe_rows(probe: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a per-block probe table: linear probe, and 1-NN when the probes ran it."""
+    knn = "knn_top1" in probe.columns
+    header = ["block", "dim", "lr", "val", "held-out top-1", "top-5", *(["1-NN top-1"] if knn else [])]
+    rows = [
+        [r.block, str(r.dim), f"{r.best_lr:g}", _f(r.val_acc), _f(r.test_acc), _f(r.test_acc_top5)]
+        + ([_f(r.knn_top1)] if knn else [])
+        for r in probe.itertuples()
+    ]
+    return header, rows
+
+
 def write_markdown(
     path: Path,
     info: dict[str, Any],
@@ -67,20 +91,9 @@ def write_markdown(
             f"Best block (validation): **{best}**; chance {float(probe['chance'].iloc[0]):.3f}.",
             "",
         ]
-        md += _md_table(
-            ["block", "dim", "lr", "val", "held-out top-1", "top-5"],
-            [
-                [r.block, str(r.dim), f"{r.best_lr:g}", _f(r.val_acc), _f(r.test_acc), _f(r.test_acc_top5)]
-                for r in probe.itertuples()
-            ],
-        )
+        md += _md_table(*probe_rows(probe))
         md.append("")
-    for key, title in (
-        ("probe", "Probe accuracy per block"),
-        ("recall", "Recall per annotation source"),
-        ("dti", "Zero-shot DTI: AP per compound vs random"),
-        ("correction_ranking", "Batch corrections: batch removal vs biology conserved"),
-    ):
+    for key, title in EVAL_PLOTS:
         if key in plots:
             md += [f"![{title}]({Path(plots[key]).name})", ""]
     if metrics:
@@ -261,17 +274,9 @@ def write_mission_markdown(
     md += [f"## Linear probes per block ({metrics.get('evaluate_arm')} model)", ""]
     if probe is not None and len(probe):
         best = metrics["probe"]["best_block"]
-        rows = [
-            [
-                f"**{r.block}**" if r.block == best else str(r.block),
-                str(r.dim),
-                f"{r.best_lr:g}",
-                _f(r.val_acc),
-                _f(r.test_acc),
-                _f(r.test_acc_top5),
-            ]
-            for r in probe.itertuples()
-        ]
+        header, rows = probe_rows(probe)
+        for row in rows:
+            row[0] = f"**{row[0]}**" if row[0] == best else row[0]
         if baseline:
             rows.append(
                 [
@@ -282,13 +287,14 @@ def write_mission_markdown(
                     _f(baseline["test_acc"]),
                     _f(baseline["test_acc_top5"]),
                 ]
+                + [""] * (len(header) - 6)
             )
         md += [
             f"Best block (validation): **{best}**, used for the embeddings; chance "
             f"{float(probe['chance'].iloc[0]):.3f}. The baseline row probes per-channel mean and std per site "
             "in units of the plate's negative controls.",
             "",
-            *_md_table(["block", "dim", "lr", "val", "held-out top-1", "top-5"], rows),
+            *_md_table(header, rows),
             "",
         ]
     else:
@@ -299,7 +305,7 @@ def write_mission_markdown(
     for name, why in (metrics.get("skipped") or {}).items():
         md.append(f"- skipped {name}: {why}")
     md.append("")
-    for key, title in (("probe", "Probe accuracy per block"), ("recall", "Recall"), ("dti", "Zero-shot DTI")):
+    for key, title in EVAL_PLOTS:
         if key in plots:
             md += [f"![{title}]({Path(plots[key]).relative_to(root)})", ""]
     md += ["## Runs", ""]

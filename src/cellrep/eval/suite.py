@@ -29,7 +29,7 @@ from cellrep.eval.knn import knn_metrics
 from cellrep.eval.magnitude import magnitude_benchmark
 from cellrep.eval.map import activity_columns, activity_skip_reason, check_columns, map_activity, map_consistency
 from cellrep.eval.probe import ProbeSettings
-from cellrep.eval.recall import load_sources, recall_benchmark
+from cellrep.eval.recall import load_sources, recall_benchmark, threshold_key
 from cellrep.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class SuiteResult:
     dti_per_compound: dict[str, pd.DataFrame] = field(default_factory=dict)  # correction -> table
     corrected: dict[str, Embeddings] = field(default_factory=dict)
     # file stem -> table: map_activity_<correction>, map_consistency_<part>_<correction>, magnitude_<correction>,
-    # correction_scores (written by write_tables)
+    # correction_scores, recall_curve (written by write_tables)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def write_tables(self, out_dir: Path | str) -> dict[str, Path]:
@@ -145,6 +145,7 @@ def run_suite(
         cs = benchmarks["correction_scores"]
         score_rows = scores.scored_wells(emb, int(cs["max_wells"]), probe.seed)
     raw: dict[str, dict[str, float]] = {}
+    curve_rows: list[dict] = []  # recall against threshold (benchmarks.recall.curve)
     with tempfile.TemporaryDirectory(prefix="cellrep-copairs-") as cache:  # copairs nulls, shared across corrections
         for method in corrections:
             corrected = correct(emb, method, settings_c)
@@ -156,7 +157,25 @@ def run_suite(
                 log.info("benchmark %s on %s embeddings", name, method)
                 if name == "recall":
                     thresholds = [tuple(float(v) for v in t) for t in settings["thresholds"]]
-                    result[name] = recall_benchmark(corrected, sources, thresholds)
+                    curve = [(float(q), round(1.0 - float(q), 12)) for q in settings.get("curve") or []]
+                    extra = [t for t in curve if t not in thresholds]
+                    res = recall_benchmark(corrected, sources, [*thresholds, *extra])
+                    drop = {threshold_key(*t) for t in extra}
+                    result[name] = {s: {k: v for k, v in r.items() if k not in drop} for s, r in res.items()}
+                    curve_rows += [
+                        {
+                            "correction": method,
+                            "source": s,
+                            "lower": lo,
+                            "upper": hi,
+                            "recall": r[threshold_key(lo, hi)],
+                            "random": lo + 1.0 - hi,
+                            "n_pairs": r["n_pairs"],
+                        }
+                        for s, r in res.items()
+                        if "skipped" not in r
+                        for lo, hi in curve
+                    ]
                 elif name == "consistency":
                     result[name] = replicate_consistency(
                         corrected, int(settings["null_samples"]), float(settings["alpha"]), seed=probe.seed
@@ -244,6 +263,8 @@ def run_suite(
                 if "map_activity" in result:
                     raw[method]["map_activity"] = float(result["map_activity"]["mean_map"])
             out.metrics[method] = result
+    if curve_rows:
+        out.tables["recall_curve"] = pd.DataFrame(curve_rows)
     if raw:
         ranked = scores.correction_scores(raw, float(benchmarks["correction_scores"]["batch_weight"]))
         out.tables["correction_scores"] = ranked
