@@ -67,6 +67,17 @@ def test_lisi_by_hand():
     assert ilisi(pairwise_distances(apart), np.repeat(["a", "b"], 10), perplexity=2) == pytest.approx(0.0)
 
 
+def test_clisi_by_hand():
+    from cellrep.eval.scores import clisi
+
+    dist = 1.0 - np.eye(5)  # as above: median LISI 2 of 2 labels -> (2 − 2) / (2 − 1) = 0, fully mixed
+    assert clisi(dist, np.array(["a", "a", "b", "b", "b"]), perplexity=4) == pytest.approx(0.0)
+    rng = np.random.default_rng(0)
+    apart = np.r_[rng.normal(size=(10, 3)), rng.normal(size=(10, 3)) + 100.0]
+    # every neighbourhood holds one label: LISI 1 -> (2 − 1) / (2 − 1) = 1
+    assert clisi(pairwise_distances(apart), np.repeat(["a", "b"], 10), perplexity=2) == pytest.approx(1.0)
+
+
 def test_lisi_bandwidth_reaches_the_perplexity():
     from cellrep.eval import scores
 

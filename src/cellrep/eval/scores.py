@@ -17,6 +17,8 @@ Batch removal (higher = batches better mixed):
 Biology conserved (higher = perturbations better separated):
 
 - ``silhouette_label``: ``(s_i + 1)/2`` of the perturbation labels of treatment wells, averaged;
+- ``clisi``: scib's cLISI of the perturbation labels of treatment wells,
+  (labels − median LISI) / (labels − 1): 1 when every neighbourhood holds one label;
 - ``map_activity``: the mean mAP of the map_activity benchmark, when it ran.
 
 The formulas are the well-known ones, written here with NumPy/SciPy (scib-metrics would pull
@@ -37,7 +39,7 @@ from cellrep.eval.embeddings import Embeddings
 from cellrep.eval.map import perturbation_label
 
 BATCH_METRICS = ("silhouette_batch", "ilisi", "graph_connectivity", "pcr_batch")
-BIO_METRICS = ("silhouette_label", "map_activity")
+BIO_METRICS = ("silhouette_label", "clisi", "map_activity")
 
 
 def pairwise_distances(x: np.ndarray) -> np.ndarray:
@@ -139,6 +141,14 @@ def ilisi(dist: np.ndarray, batch: np.ndarray, perplexity: float = 30.0) -> floa
     return float((np.median(lisi(dist, batch, perplexity)) - 1.0) / (n_batches - 1))
 
 
+def clisi(dist: np.ndarray, labels: np.ndarray, perplexity: float = 30.0) -> float:
+    """scib's cLISI score: (labels − median LISI of the labels) / (labels − 1), in [0, 1]."""
+    n_labels = len(np.unique(labels))
+    if n_labels < 2:
+        return float("nan")
+    return float((n_labels - np.median(lisi(dist, labels, perplexity))) / (n_labels - 1))
+
+
 def graph_connectivity(graph: sparse.csr_matrix, labels: np.ndarray) -> float:
     """scib ``graph_connectivity``: mean over labels (≥ 2 wells) of the largest component's share."""
     shares = []
@@ -228,6 +238,9 @@ def raw_scores(
         "graph_connectivity": graph_connectivity(knn_graph(dist, knn), label),
         "pcr": pcr(x, batch, pcr_components),
         "silhouette_label": silhouette_label(dist[np.ix_(treated, treated)], label[treated])
+        if treated.sum() > 2
+        else float("nan"),
+        "clisi": clisi(dist[np.ix_(treated, treated)], label[treated], perplexity)
         if treated.sum() > 2
         else float("nan"),
     }
