@@ -54,7 +54,7 @@ p.add_argument("--no-train", action="store_true", help="only the intensity and u
 p.add_argument("overrides", nargs="*", help="Hydra overrides for the screen/data (after --)")
 args = p.parse_args()
 work = Path(args.work).resolve()
-common = [f"paths.root_dir={work}", f"paths.data_dir={work}/data", "data.crop_size=40", *args.overrides]
+common = [f"paths.root_dir={work}", f"paths.data_dir={work}/data", *args.overrides]
 register_configs()
 register_resolvers()
 torch.manual_seed(0)
