@@ -345,6 +345,8 @@ class PathsConfig:
 # logger, paths) keep their own schemas above.
 # ---------------------------------------------------------------------------
 
+# The benchmarks and corrections cellrep-eval knows: the one list of each, used by cellrep.eval.suite
+# (unknown benchmarks) and cellrep.eval.batch_correction; the schema checks corrections=[...] at start.
 BENCHMARKS = (
     "recall",
     "consistency",

@@ -50,9 +50,7 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
     prep = prepare(cfg)
     cfg.model = {"name": prep.model["name"]}  # logger names refer to ${model.name}
     start = time.perf_counter()
-    settings = probe_settings(cfg)
-    settings.knn = bool(cfg.probe.get("knn", True))
-    feats, sites, result = probe_all_blocks(prep, settings, progress=cfg.progress)
+    feats, sites, result = probe_all_blocks(prep, probe_settings(cfg), progress=cfg.progress)
     seconds = time.perf_counter() - start
     outputs = save_probe_outputs(run.path, result)
 

@@ -32,11 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellrep.config import CORRECTIONS
 from cellrep.errors import CellrepError
 from cellrep.eval.embeddings import Embeddings
 
 log = logging.getLogger(__name__)
-METHODS = ("none", "pca_centerscale", "tvn", "sphering", "harmony")
+METHODS = CORRECTIONS  # the names corrections=[...] may use; the config schema checks them at start
 CORAL_RIDGE = 0.5  # the 0.5·I added to each batch's control covariance (docs/benchmarks.md)
 
 

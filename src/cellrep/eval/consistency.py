@@ -23,14 +23,9 @@ import numpy as np
 import pandas as pd
 
 from cellrep.errors import CellrepError
-from cellrep.eval.embeddings import Embeddings
+from cellrep.eval.embeddings import Embeddings, unit_rows
 
 log = logging.getLogger(__name__)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
 
 
 def mean_pairwise_cosine(unit_sets: np.ndarray) -> np.ndarray:
@@ -86,7 +81,7 @@ def consistency_table(
     if single:
         log.warning("consistency: %d perturbation(s) with a single well are skipped", single)
 
-    unit = _unit(emb.features.astype(np.float64))
+    unit = unit_rows(emb.features.astype(np.float64))
     stats = np.array([float(mean_pairwise_cosine(unit[np.asarray(rows)])) for rows in groups])
     controls = _replicate_groups(meta, emb.is_control)
     controls = controls[controls.map(len) >= 2]

@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from cellrep.errors import CellrepError
-from cellrep.eval.embeddings import Embeddings
+from cellrep.eval.embeddings import Embeddings, unit_rows
 from cellrep.eval.ranking import average_precision, roc_auc
 from cellrep.eval.recall import gene_embeddings
 
@@ -76,11 +76,6 @@ def compound_embeddings(emb: Embeddings, compounds) -> pd.DataFrame:
     feats = emb.features[rows.to_numpy()]
     means = np.stack([feats[idx].mean(axis=0) for idx in groups.values()]) if groups else np.zeros((0, emb.dim))
     return pd.DataFrame(list(groups), columns=["compound", "concentration"]), means
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
 
 
 def _sample(rng, pool: np.ndarray, positive: np.ndarray, n_neg: np.ndarray):
@@ -153,7 +148,7 @@ def dti_benchmark(
     compounds, positive, pool, n_neg = compounds[usable], positive[usable], pool[usable], n_neg[usable]
 
     # |cosine| per concentration (NaN where a compound lacks that dose), and the max over doses
-    cos = np.abs(_unit(comp_x) @ _unit(gene_x).T)
+    cos = np.abs(unit_rows(comp_x) @ unit_rows(gene_x).T)
     row = pd.Index(compounds).get_indexer(keys["compound"])
     variants: dict[str, np.ndarray] = {}
     for conc in sorted(keys["concentration"].unique()):

@@ -32,6 +32,12 @@ GENETIC = ("siRNA", "CRISPR")
 _FEATURE = re.compile(rf"^{FEATURE_PREFIX}(\d+)$")
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Every vector along the last axis scaled to unit L2 norm (cosine geometry); a zero vector stays zero."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
 @dataclass
 class Embeddings:
     """Row-aligned ``meta`` (one row per well) and ``features`` (wells × D, float32).

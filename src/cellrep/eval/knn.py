@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
+from cellrep.eval.embeddings import unit_rows
 
 
 def nearest_neighbour(
@@ -24,7 +20,7 @@ def nearest_neighbour(
 
     Test rows go in chunks of at most ``chunk`` rows and ``max_block`` similarities (256 MiB of float64),
     so memory stays bounded on site-level probe features too."""
-    a, b = _unit(train), _unit(test)
+    a, b = unit_rows(np.asarray(train, dtype=np.float64)), unit_rows(np.asarray(test, dtype=np.float64))
     chunk = max(1, min(chunk, max_block // max(1, len(a))))
     out = np.empty(len(b), dtype=np.asarray(train_labels).dtype)
     for start in range(0, len(b), chunk):

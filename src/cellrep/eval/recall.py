@@ -18,7 +18,7 @@ import pandas as pd
 
 from cellrep.annotations import SHIPPED, load_pairs, strip_guide_suffix
 from cellrep.errors import CellrepError
-from cellrep.eval.embeddings import Embeddings
+from cellrep.eval.embeddings import Embeddings, unit_rows
 
 log = logging.getLogger(__name__)
 THRESHOLDS = ((0.05, 0.95), (0.1, 0.9))
@@ -51,8 +51,7 @@ def gene_embeddings(emb: Embeddings) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cosine_matrix(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    unit = x / np.where(norm > 0, norm, 1.0)
+    unit = unit_rows(x)
     return unit @ unit.T
 
 

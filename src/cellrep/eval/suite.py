@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from cellrep.config import BENCHMARKS
 from cellrep.errors import CellrepError
 from cellrep.eval import scores
 from cellrep.eval.batch_correction import CorrectionSettings, correct
@@ -34,16 +35,6 @@ from cellrep.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 TARGETS_FILE = "compound_targets.csv"
-BENCHMARKS = (
-    "recall",
-    "consistency",
-    "dti",
-    "classification",
-    "map_activity",
-    "map_consistency",
-    "magnitude",
-    "correction_scores",
-)
 
 
 @dataclass
