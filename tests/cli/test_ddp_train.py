@@ -42,7 +42,7 @@ class RankDump(L.Callback):
         )
 
 
-def run_cli(tmp_path: Path, data_dir: Path, *args: str, timeout: int = 420) -> None:
+def run_cli(tmp_path: Path, data_dir: Path, *args: str, timeout: int = 420, expect_rc: int = 0) -> None:
     env = {
         **os.environ,
         "CELLREP_ROOT": str(tmp_path),
@@ -67,7 +67,7 @@ def run_cli(tmp_path: Path, data_dir: Path, *args: str, timeout: int = 420) -> N
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # both ranks live in the session started here
             rc = "timeout"
-    assert rc == 0, f"rc={rc}\n" + log.read_text()[-8000:]
+    assert rc == expect_rc, f"rc={rc}\n" + log.read_text()[-8000:]
 
 
 def assert_ranks_agree(run_dir: Path) -> None:

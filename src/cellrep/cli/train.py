@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> float | None:
     loggers = instantiate_all(cfg.get("logger"))
     plugins = [AtomicCheckpointIO()]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_args["strategy"] = trainer_strategy(trainer_args["strategy"], model)  # fsdp: one unit per block
+    trainer_args["strategy"] = trainer_strategy(trainer_args["strategy"])  # fsdp: FSDP2, one unit per block
     trainer = L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     for logger in loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "code": version})

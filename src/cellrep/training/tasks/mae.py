@@ -18,6 +18,7 @@ from cellrep.models.backbone import build_backbone
 from cellrep.models.mae import MaskedAutoencoder
 from cellrep.training.callbacks.reconstructions import ReconstructionImages
 from cellrep.training.optim import configure_optimizers
+from cellrep.training.strategy import shard_blocks
 from cellrep.training.tasks.mae_loss import mae_loss
 from cellrep.training.tasks.supervised import NonFiniteLossError
 
@@ -152,6 +153,9 @@ class MAETask(L.LightningModule):
         n = self.hparams.reconstructions_every_n_steps
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"  # images are drawn while training
         return [ReconstructionImages(every_n_steps=n)] if fitting and n and n > 0 else []
+
+    def configure_model(self):
+        shard_blocks(self)  # trainer=fsdp only
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.hparams.optimizer, self.hparams.scheduler)

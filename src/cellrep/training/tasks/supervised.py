@@ -15,6 +15,7 @@ from cellrep.knowledge.graph_loss import graph_loss, register_graph
 from cellrep.models.backbone import build_backbone
 from cellrep.models.context import CellTypeContext, classify, pooled_features, takes_context_token
 from cellrep.training.optim import configure_optimizers
+from cellrep.training.strategy import shard_blocks
 
 
 class NonFiniteLossError(CellrepError):
@@ -154,6 +155,9 @@ class SupervisedTask(L.LightningModule):
                 if mask.any():
                     metric(logits[mask], labels[mask])
                     self.log(f"test/acc/{name}", metric, batch_size=int(mask.sum()))
+
+    def configure_model(self):
+        shard_blocks(self)  # trainer=fsdp only
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.hparams.optimizer, self.hparams.scheduler)
