@@ -238,6 +238,9 @@ class TaskConfig(GraphPriorConfig):
     init_from: Optional[str] = None  # checkpoint whose encoder starts the backbone (keys checked exactly)
     monitor: str = "val/acc"  # the metric that picks checkpoints/best.ckpt
     monitor_mode: str = "max"
+    # per-block linear probes of the backbone every N epochs while training (callbacks.block_probes); 0 = off:
+    # a supervised run already reports val/acc, so the live curve is opt-in here
+    probe_every_n_epochs: int = 0
     # de novo protocol (split=cell_type, split.shots=k; cellrep.training.fewshot): after training on the other
     # cell types, fine-tune this many epochs on the k shots of the held-out type; 0: one joint fit (shots in train)
     finetune_epochs: int = 0
@@ -273,6 +276,9 @@ class MAETaskConfig(GraphPriorConfig):
     reconstructions_every_n_steps: int = 500  # masked/reconstruction/target images to the loggers; 0 = off
     monitor: str = "val/loss"
     monitor_mode: str = "min"
+    # per-block linear probes every N epochs (callbacks.block_probes): MAE's val/loss says nothing about
+    # which block is useful; 0 = off. Overhead at 5: docs/PERFORMANCE.md "Per-block probes while training"
+    probe_every_n_epochs: int = 5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -565,6 +571,8 @@ class ProbeRunConfig:
     split: Any = None
     logger: Any = None
     paths: Any = None
+    trainer: Any = None  # trainer=ddp trainer.devices=N: embed on N ranks (cellrep.eval.ranks); null: one process
+    run_name: Optional[str] = None  # a fixed run directory: re-running the same command resumes a killed embedding
 
 
 @dataclass

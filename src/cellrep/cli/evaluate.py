@@ -27,11 +27,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cellrep.cli.common import exit_on_user_error, register_resolvers
+from cellrep.cli.resume import pin_ddp_children
 from cellrep.cli.rundir import RunDir
 from cellrep.config import register_configs
 from cellrep.eval import plots
 from cellrep.eval.embeddings import read_embeddings
-from cellrep.eval.pipeline import embed_checkpoint, prepare, probe_settings
+from cellrep.eval.pipeline import across_ranks, embed_checkpoint, prepare, probe_settings
 from cellrep.eval.report import benchmark_lines, probe_lines, write_markdown
 from cellrep.eval.runtime import log_to_loggers, probe_summary, save_probe_outputs, validate_config
 from cellrep.eval.suite import flatten, resolve_targets, run_suite
@@ -46,7 +47,8 @@ def load_or_embed(cfg: DictConfig, run: RunDir) -> tuple[Any, dict[str, Any], li
     if cfg.embeddings:
         emb = read_embeddings(cfg.embeddings, cfg.metadata, cfg.join_on, dict(cfg.rename or {}))
         return emb, {"embeddings": str(cfg.embeddings)}, [Path(cfg.embeddings).expanduser().parent], None
-    prep = prepare(cfg)
+    pin_ddp_children(run.path)  # trainer=ddp: ranks 1.. re-run this command in this directory
+    prep = across_ranks(prepare(cfg), cfg, run.path)
     cfg.model = {"name": prep.model["name"]}  # logger names refer to ${model.name}
     emb, block, result = embed_checkpoint(cfg, prep, progress=cfg.progress)
     info = {

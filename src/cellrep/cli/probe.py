@@ -27,10 +27,11 @@ import torch
 from omegaconf import DictConfig
 
 from cellrep.cli.common import exit_on_user_error, register_resolvers
+from cellrep.cli.resume import pin_ddp_children
 from cellrep.cli.rundir import RunDir
 from cellrep.config import register_configs
 from cellrep.errors import CellrepError
-from cellrep.eval.pipeline import prepare, probe_all_blocks, probe_settings
+from cellrep.eval.pipeline import across_ranks, prepare, probe_all_blocks, probe_settings
 from cellrep.eval.report import probe_lines
 from cellrep.eval.runtime import log_to_loggers, probe_summary, save_probe_outputs, validate_config
 
@@ -47,7 +48,8 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
     run = RunDir(cfg.paths.output_dir)
     run.write_provenance(cfg)
 
-    prep = prepare(cfg)
+    pin_ddp_children(run.path)  # trainer=ddp: ranks 1.. re-run this command in this directory
+    prep = across_ranks(prepare(cfg), cfg, run.path)
     cfg.model = {"name": prep.model["name"]}  # logger names refer to ${model.name}
     start = time.perf_counter()
     feats, sites, result = probe_all_blocks(prep, probe_settings(cfg), progress=cfg.progress)

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cellrep.errors import CellrepError
 from cellrep.eval.checkpoint import build_eval_datamodule, eval_data_config
 from cellrep.eval.embeddings import Embeddings, aggregate_wells
 from cellrep.eval.features import BlockFeatures, block_names, extract_block_features, resolve_block
 from cellrep.eval.probe import ProbeResult, ProbeSettings, train_probes
+from cellrep.eval.ranks import features_across_ranks
 from cellrep.models.checkpoint import load_backbone
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class Prepared:
     model: dict
     data_source: str  # where data/split came from
     dataset_root: Path | None
+    trainer: dict | None = None  # trainer=ddp ...: embed with these Lightning Trainer settings (eval/ranks.py)
+    run_dir: Path | None = None  # where the ranks' feature parts go (with trainer)
+    source: str = ""  # what is embedded (a checkpoint path), recorded with the parts
 
 
 def pick_device(name: str) -> torch.device:
@@ -54,6 +58,23 @@ def prepare(cfg: DictConfig) -> Prepared:
         )
     log.info("evaluating %s on %d sites (data/split from %s)", meta["model"]["name"], len(dm.index), source)
     return Prepared(backbone, dm, pick_device(cfg.device), meta["model"], source, shards.dataset_root)
+
+
+def across_ranks(prep: Prepared, cfg: DictConfig, run_dir: Path) -> Prepared:
+    """With a ``trainer`` group (``trainer=ddp trainer.devices=N``), features come from all its ranks."""
+    if cfg.get("trainer"):
+        prep.trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+        prep.run_dir, prep.source = Path(run_dir), str(cfg.ckpt_path)
+    return prep
+
+
+def block_features(prep: Prepared, blocks: list[int] | None, progress: bool) -> BlockFeatures:
+    """Pooled features of ``blocks`` (None: all) for every site, in this process or across the ranks."""
+    if prep.trainer is not None:
+        return features_across_ranks(
+            prep.backbone, prep.datamodule, blocks, prep.trainer, prep.run_dir, prep.source, progress
+        )
+    return extract_block_features(prep.backbone, prep.datamodule.eval_dataloader("all"), blocks, prep.device, progress)
 
 
 def site_frame(dm, rows) -> pd.DataFrame:
@@ -77,7 +98,7 @@ def probe_all_blocks(
     prep: Prepared, settings: ProbeSettings, progress: bool = True
 ) -> tuple[BlockFeatures, pd.DataFrame, ProbeResult]:
     """docs/benchmarks.md: one backbone pass over every site records each block; probes train on cached features."""
-    feats = extract_block_features(prep.backbone, prep.datamodule.eval_dataloader("all"), None, prep.device, progress)
+    feats = block_features(prep, None, progress)
     sites = site_frame(prep.datamodule, feats.rows)
     result = train_probes(
         feats.features,
@@ -116,8 +137,6 @@ def embed_checkpoint(
     else:
         k = resolve_block(prep.backbone, -1 if block == "last" else block)
         name = names[k]
-        feats = extract_block_features(
-            prep.backbone, prep.datamodule.eval_dataloader("all"), [k], prep.device, progress
-        )
+        feats = block_features(prep, [k], progress)
         sites = site_frame(prep.datamodule, feats.rows)
     return aggregate_wells(feats.features[name], sites), name, result

@@ -208,14 +208,16 @@ class CellDataModule(L.LightningDataModule):
         stream = TrainStream(self, self._stage_rows["train"], rank, world)
         return TrainLoader(stream, self.num_workers, self.persistent_workers, self.pin_memory, self._finisher)
 
-    def eval_dataloader(self, stage: str = "test") -> EvalLoader:
-        """Exact loader over ``stage`` ("train", "val", "test" or "all"), center crops, no augmentation."""
+    def eval_dataloader(self, stage: str = "test", rows: np.ndarray | None = None) -> EvalLoader:
+        """Exact loader over ``stage`` ("train", "val", "test" or "all"), center crops, no augmentation;
+        ``rows``: only these index rows of the stage (what a resumed multi-process embedding still lacks)."""
         if stage not in self._stage_rows:
             raise CellrepError(f"unknown stage '{stage}'", fix=f"use one of {list(self._stage_rows)}")
+        stage_rows = self._stage_rows[stage]
+        if rows is not None:
+            stage_rows = stage_rows[np.isin(stage_rows, rows)]
         rank, world = self._dist()
-        return EvalLoader(
-            EvalStream(self, self._stage_rows[stage], rank, world), self.num_workers, self.pin_memory, self._finisher
-        )
+        return EvalLoader(EvalStream(self, stage_rows, rank, world), self.num_workers, self.pin_memory, self._finisher)
 
     def val_dataloader(self) -> EvalLoader:
         return self.eval_dataloader("val")
