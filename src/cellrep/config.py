@@ -104,7 +104,8 @@ class TiffConfig:
 class DataConfig:
     source: str = MISSING  # one of cellrep.data.shards.prepare.SOURCES
     root: Optional[str] = None  # the dataset in its own format (synthetic: generated here)
-    shards_dir: Optional[str] = None  # null: next to the source (synthetic: <root>/<fingerprint>/shards)
+    shards_dir: Optional[str] = None  # null: next to the source (synthetic: <root>/<fingerprint>/shards); or a URL
+    shards_cache: str = "${paths.data_dir}/remote_shards"  # local mirrors of URL shard sets (data/shards/remote.py)
     channel_names: Optional[list[str]] = None  # expected channels; null = whatever the source has
     samples_per_shard: int = 256
     shard_workers: int = 0

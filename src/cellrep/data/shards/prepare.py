@@ -22,6 +22,7 @@ from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+from cellrep.data.shards.remote import is_url, mirror
 from cellrep.data.sources.base import ImageSource
 from cellrep.errors import CellrepError
 
@@ -163,6 +164,8 @@ def ensure_shards(data_cfg: DictConfig, progress: bool = True) -> PreparedShards
     The source is opened once: callers needing its folder take ``dataset_root``."""
     from cellrep.data.shards.writer import write_shards
 
+    if is_url(data_cfg.get("shards_dir")):  # a finished shard set in object storage: read through a local mirror
+        return PreparedShards(mirror(data_cfg.shards_dir, data_cfg.shards_cache), None)
     with _screen_lock(data_cfg, progress):
         source, shards_dir = _open_source(data_cfg, progress)
         with cache_lock(shards_lock_path(shards_dir), f"the shards at {shards_dir}", progress):
