@@ -1,0 +1,130 @@
+"""Pretraining methods side by side on one screen and one architecture, over seeds.
+
+For each seed and method it trains the same small ViT (``cellrep-train``), then evaluates the
+checkpoint (``cellrep-eval block=best``: per-block linear probes and 1-NN from one backbone
+pass, the validation-chosen block embedded, TVN, StringDB recall) and prints one table of
+mean ± std over seeds, with each method's paired gain over random initialization:
+
+    python benchmarks/pretraining.py [--seeds 0 1 2] [--methods random supervised mae dino]
+                                     [--epochs 20] [-- <overrides every training run gets>]
+
+``random`` is the architecture at initialization (one ``task=mae`` step at learning rate 0, so
+its encoder is the same ViT, untouched). The recipe (``RECIPE``, ``METHODS``) is the CPU-sized one docs/SCIENCE.md
+gives; named runs under ``outputs/*/runs/pretrain_*`` are reused, so a re-run only aggregates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cellrep  # noqa: F401, E402  (torchvision compat before lightning/timm)
+
+# isort: split
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from _common import machine, table  # noqa: E402
+
+# A ViT small enough for 2 CPU cores: 192 wide, 6 blocks, patch 8 on the 32-px crops (16 tokens).
+RECIPE = [
+    "model=vit_s16",
+    "+model.kwargs.patch_size=8",
+    "+model.kwargs.embed_dim=192",
+    "+model.kwargs.depth=6",
+    "+model.kwargs.num_heads=3",
+    "test=false",
+]
+METHODS: dict[str, list[str]] = {
+    # one step at learning rate 0: a checkpoint of the initialization, through the same code path
+    "random": ["task=mae", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "task.optimizer.base_lr=0"],
+    "supervised": ["task=supervised"],
+    "mae": ["task=mae", "task.decoder_dim=128", "task.decoder_depth=2", "task.decoder_heads=4"],
+    "dino": ["task=dino"],
+}
+SOURCE, THRESHOLDS = "StringDB", ("0.05/0.95", "0.1/0.9")  # recall summed over both thresholds
+EVAL = ["block=best", "corrections=[none,tvn]", "benchmarks=[recall]", "plots.umap=false", "progress=false"]
+
+
+def run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def train_dir(method: str, seed: int) -> Path:
+    task = next(o.split("=", 1)[1] for o in METHODS[method] if o.startswith("task="))
+    return Path("outputs") / task / "runs" / f"pretrain_{method}_s{seed}"
+
+
+def evaluate(method: str, seed: int, epochs: int, overrides: list[str]) -> dict[str, float]:
+    run_dir = train_dir(method, seed)
+    if not (run_dir / "metrics.json").is_file():
+        epochs_arg = [] if method == "random" else [f"trainer.max_epochs={epochs}"]
+        run(
+            [
+                "cellrep-train",
+                *RECIPE,
+                *METHODS[method],
+                *epochs_arg,
+                f"seed={seed}",
+                f"run_name={run_dir.name}",
+                *overrides,
+            ]
+        )
+    eval_dir = run_dir / "eval"
+    if not (eval_dir / "metrics.json").is_file():
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        run(["cellrep-eval", f"ckpt_path={ckpt}", f"seed={seed}", f"paths.output_dir={eval_dir}", *EVAL])
+    m = json.loads((eval_dir / "metrics.json").read_text())
+    probes = pd.read_csv(eval_dir / "probe.csv").set_index("block")  # per block: test_acc, knn_top1, ...
+    best = m["probe"]["best_block"]  # chosen on validation rows
+    recall = m["benchmarks"]["tvn"]["recall"][SOURCE]
+    return {
+        "best-block probe": float(probes.loc[best, "test_acc"]),
+        "last-block probe": float(probes["test_acc"].iloc[-1]),
+        "best-block kNN": float(probes.loc[best, "knn_top1"]),
+        "recall TVN": sum(recall[t] for t in THRESHOLDS),
+        "best block index": float(list(probes.index).index(best)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("overrides", nargs="*", help="cellrep-train overrides of every run (after --)")
+    args = parser.parse_args()
+    rows = {meth: [evaluate(meth, s, args.epochs, args.overrides) for s in args.seeds] for meth in args.methods}
+    keys = list(next(iter(rows.values()))[0])
+
+    def cell(values: list[float]) -> str:
+        sd = np.std(values, ddof=1) if len(values) > 1 else 0.0
+        return f"{np.mean(values):.3f} ± {sd:.3f}"
+
+    print(f"\n{machine()}; seeds {args.seeds}; {args.epochs} epochs; mean ± std (ddof=1) over seeds\n")
+    print(table(["method", *keys], [[meth, *[cell([r[k] for r in rs]) for k in keys]] for meth, rs in rows.items()]))
+    if "random" in rows:
+        print("\npaired gain over random initialization (same seed), mean ± std; holds: mean > 2 × std\n")
+        out = []
+        for meth, rs in rows.items():
+            if meth == "random":
+                continue
+            gains = {k: [r[k] - b[k] for r, b in zip(rs, rows["random"])] for k in keys[:4]}
+            out.append(
+                [
+                    meth,
+                    *[
+                        f"{cell(g)} {'yes' if np.mean(g) > 2 * np.std(g, ddof=1 if len(g) > 1 else 0) else 'NO'}"
+                        for g in gains.values()
+                    ],
+                ]
+            )
+        print(table(["method", *keys[:4]], out))
+
+
+if __name__ == "__main__":
+    main()
