@@ -5,8 +5,8 @@ checkpoint (``cellrep-eval block=best``: per-block linear probes and 1-NN from o
 pass, the validation-chosen block embedded, TVN, StringDB recall) and prints one table of
 mean ± std over seeds, with each method's paired gain over random initialization:
 
-    python benchmarks/pretraining.py [--seeds 0 1 2] [--methods random supervised mae dino]
-                                     [--epochs 20] [-- <overrides every training run gets>]
+    python benchmarks/pretraining.py [--seeds 0 1 2] [--methods random supervised mae dino] [--epochs 20]
+        [--set mae:task.optimizer.base_lr=1e-3 ...] [--tag lr1e-3] [-- <overrides every training run gets>]
 
 ``random`` is the architecture at initialization (one ``task=mae`` step at learning rate 0, so
 its encoder is the same ViT, untouched). The recipe (``RECIPE``, ``METHODS``) is the CPU-sized one docs/SCIENCE.md
@@ -54,26 +54,20 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def train_dir(method: str, seed: int) -> Path:
+def train_dir(method: str, seed: int, tag: str) -> Path:
     task = next(o.split("=", 1)[1] for o in METHODS[method] if o.startswith("task="))
-    return Path("outputs") / task / "runs" / f"pretrain_{method}_s{seed}"
+    return Path("outputs") / task / "runs" / f"pretrain{tag}_{method}_s{seed}"
 
 
-def evaluate(method: str, seed: int, epochs: int, overrides: list[str]) -> dict[str, float]:
-    run_dir = train_dir(method, seed)
+def evaluate(
+    method: str, seed: int, epochs: int, overrides: list[str], extra: dict[str, list[str]], tag: str
+) -> dict[str, float]:
+    run_dir = train_dir(method, seed, tag)
     if not (run_dir / "metrics.json").is_file():
         epochs_arg = [] if method == "random" else [f"trainer.max_epochs={epochs}"]
-        run(
-            [
-                "cellrep-train",
-                *RECIPE,
-                *METHODS[method],
-                *epochs_arg,
-                f"seed={seed}",
-                f"run_name={run_dir.name}",
-                *overrides,
-            ]
-        )
+        # the method's own settings last: they win over the common overrides (random keeps learning rate 0)
+        cmd = [*RECIPE, *overrides, *epochs_arg, *METHODS[method], *extra.get(method, [])]
+        run(["cellrep-train", *cmd, f"seed={seed}", f"run_name={run_dir.name}"])
     eval_dir = run_dir / "eval"
     if not (eval_dir / "metrics.json").is_file():
         ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -96,9 +90,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="METHOD:OVERRIDE", help="e.g. mae:task.optimizer.base_lr=1e-3"
+    )
+    parser.add_argument("--tag", default="", help="run-name suffix: another sweep point keeps its own runs")
     parser.add_argument("overrides", nargs="*", help="cellrep-train overrides of every run (after --)")
     args = parser.parse_args()
-    rows = {meth: [evaluate(meth, s, args.epochs, args.overrides) for s in args.seeds] for meth in args.methods}
+    extra: dict[str, list[str]] = {}
+    for item in args.set:
+        method, _, override = item.partition(":")
+        extra.setdefault(method, []).append(override)
+    tag = f"_{args.tag}" if args.tag else ""
+    rows = {m: [evaluate(m, s, args.epochs, args.overrides, extra, tag) for s in args.seeds] for m in args.methods}
     keys = list(next(iter(rows.values()))[0])
 
     def cell(values: list[float]) -> str:
