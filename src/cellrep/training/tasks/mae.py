@@ -154,6 +154,10 @@ class MAETask(L.LightningModule):
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"  # images are drawn while training
         return [ReconstructionImages(every_n_steps=n)] if fitting and n and n > 0 else []
 
+    def probe_backbone(self) -> torch.nn.Module:
+        """The encoder, what ``task.init_from`` hands on: ``callbacks.block_probes.BlockProbes`` probes its blocks."""
+        return self.mae.encoder
+
     def configure_model(self):
         shard_blocks(self)  # trainer=fsdp only
 

@@ -156,6 +156,10 @@ class SupervisedTask(L.LightningModule):
                     metric(logits[mask], labels[mask])
                     self.log(f"test/acc/{name}", metric, batch_size=int(mask.sum()))
 
+    def probe_backbone(self) -> nn.Module:
+        """The timm module whose blocks ``callbacks.block_probes.BlockProbes`` probes (every task has one)."""
+        return self.backbone
+
     def configure_model(self):
         shard_blocks(self)  # trainer=fsdp only
 
