@@ -1,16 +1,16 @@
-"""Shard encodings: bytes per sample and decode samples/s per core, in one table.
+"""Shard encodings: bytes per sample, decode samples/s per core, and cores per GPU, in one table.
 
-Candidates for the ``<key>.<ext>`` member of a shard (all lossless, 6×512×512
-uint8 sites): raw ``.npy`` (the current encoding), ``.npy`` + zlib (deflate)
-at levels 1 and 6, a deflate-compressed multi-page TIFF (tifffile), and six
-PNGs (PIL; what RxRx1 ships). zstd is not measured when neither
-``zstandard`` nor ``imagecodecs`` is installed (cellrep does not depend on
-them); the script says so. Decode is from memory, one process, alternating
-between encodings ``--repeats`` times (medians). The training loader needs
-the decode to keep up with the GPU; disk/network bytes matter only when I/O,
-not CPU, is the bottleneck — the table shows both so the choice is explicit.
+The encodings ``data.encoding`` can write (``cellrep.data.shards.codecs.CODECS``: raw ``npy``, ``npy``
++ zstandard, one PNG per site), then reference rows cellrep does not write: ``npy`` + zlib, a deflate
+TIFF, six PNGs (what RxRx1 ships) and six lossless JPEG 2000 planes (what RxRx3-core ships: the cost
+of keeping its source bytes and decoding in the loader). All are lossless, on 6×512×512 uint8 sites.
+Decode is from memory, one process, alternating between encodings ``--repeats`` times (medians).
+"cores per GPU" is the decode cores that feed one GPU training MAE ViT-L/8 at ``--gpu-images-per-s``
+(default 569: its FLOP count at 40% MFU of an H100/H200, docs/PERFORMANCE.md; no GPU figure is
+measured yet). For ``npy`` the loader does not decode at all (a sample is a view of the mapped
+shard), so its cost per sample is the loader's crop copy (docs/PERFORMANCE.md, "Loader").
 
-    python benchmarks/encodings.py [--quick]
+    python benchmarks/encodings.py [--quick] [--gpu-images-per-s 569]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import cellrep  # noqa: F401, E402  (torchvision compat before lightning/timm)
 
 # isort: split
 import numpy as np  # noqa: E402
-from _common import machine, median, site_image, table  # noqa: E402
+from _common import CHANNELS, machine, median, site_image, table  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
@@ -50,7 +50,16 @@ def _png(img):
     return out
 
 
-def _png_load(planes):
+def _jp2(img):
+    out = []
+    for plane in img:
+        buf = io.BytesIO()
+        Image.fromarray(plane).save(buf, format="JPEG2000", irreversible=False)  # reversible 5/3: lossless
+        out.append(buf.getvalue())
+    return out
+
+
+def _png_load(planes):  # PIL opens any of the per-plane formats
     return np.stack([np.asarray(Image.open(io.BytesIO(p))) for p in planes])
 
 
@@ -70,26 +79,30 @@ def _tiff_load(data):
 
 def codecs() -> dict:
     """name → (encode, decode); bytes of the encoded sample are len() or the sum of parts."""
-    c = {
-        "npy (raw)": (_npy, _npy_load),
-        "npy + zlib-1": (lambda i: zlib.compress(_npy(i), 1), lambda d: _npy_load(zlib.decompress(d))),
-        "npy + zlib-6": (lambda i: zlib.compress(_npy(i), 6), lambda d: _npy_load(zlib.decompress(d))),
-        "PNG ×6 (RxRx1)": (_png, _png_load),
-    }
+    from cellrep.data.shards.codecs import CODECS
+
+    shape = (CHANNELS, 512, 512)
+    c = {}
+    for name, codec in CODECS.items():  # what data.encoding writes, through the loader's own functions
+        try:
+            codec.encode(np.zeros((2, 8, 8), np.uint8))
+        except Exception as exc:  # noqa: BLE001 — npy_zstd without zstandard
+            print(f"# {name} skipped: {exc}")
+            continue
+        c[f"data.encoding={name}"] = (codec.encode, lambda d, dec=codec.decode: dec(d, shape))
+    c.update(
+        {
+            "npy + zlib-1": (lambda i: zlib.compress(_npy(i), 1), lambda d: _npy_load(zlib.decompress(d))),
+            "npy + zlib-6": (lambda i: zlib.compress(_npy(i), 6), lambda d: _npy_load(zlib.decompress(d))),
+            "PNG ×6 (RxRx1)": (_png, _png_load),
+            "JPEG 2000 ×6 lossless (RxRx3-core)": (_jp2, _png_load),
+        }
+    )
     try:
         _tiff_load(_tiff(np.zeros((2, 8, 8), np.uint8)))
         c["TIFF deflate"] = (_tiff, _tiff_load)
     except Exception as exc:  # noqa: BLE001 — optional codec
         print(f"# TIFF deflate skipped: {exc!r}")
-    try:
-        import zstandard
-
-        c["npy + zstd-3"] = (
-            lambda i: zstandard.ZstdCompressor(level=3).compress(_npy(i)),
-            lambda d: _npy_load(zstandard.ZstdDecompressor().decompress(d)),
-        )
-    except ImportError:
-        print("# npy + zstd skipped: `zstandard` is not installed")
     return c
 
 
@@ -103,6 +116,10 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seconds", type=float, default=1.5, help="decode time per encoding per repeat")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gpu-images-per-s", type=float, default=569.0, help="one GPU's training rate to feed")
+    p.add_argument(
+        "--npy-loader-per-core", type=float, default=4890.0, help="loader samples/s per worker for npy (no decode)"
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.samples, a.seconds, a.repeats = 2, 0.05, 1
@@ -121,19 +138,25 @@ def main(argv=None) -> None:
                 dec(enc[name][n % a.samples])
                 n += 1
             rates[name].append(n / (time.perf_counter() - t0))
-    base = median(rates["npy (raw)"])
+    base = median(rates["data.encoding=npy"])
     rows = []
     for name in enc:
-        b = median([size(x) for x in enc[name]])
+        b, r = median([size(x) for x in enc[name]]), median(rates[name])
+        # npy is never decoded by the loader (a view of the mapped shard): its per-core cost is the loader's
+        per_core = a.npy_loader_per_core if name == "data.encoding=npy" else r
         rows.append(
-            [name, f"{b / 1e6:.2f} MB", f"{b / raw:.2f}", median(rates[name]), f"{median(rates[name]) / base:.2f}"]
+            [name, f"{b / 1e6:.2f} MB", f"{b / raw:.2f}", r, f"{r / base:.3f}", f"{a.gpu_images_per_s / per_core:.2f}"]
         )
     print(f"# machine: {machine()}")
     print(
         f"# {a.samples} synthetic 6×512×512 uint8 sites ({raw / 1e6:.2f} MB raw), decode from memory, "
         f"1 process, {a.repeats} repeats (medians)"
     )
-    print(table(["encoding", "bytes/sample", "÷ raw", "decode samples/s per core", "÷ npy"], rows))
+    print(
+        f"# cores per GPU: {a.gpu_images_per_s:g} images/s ÷ per-core rate (npy: the loader's {a.npy_loader_per_core:g}/s)"
+    )
+    cols = ["encoding", "bytes/sample", "÷ raw", "decode samples/s per core", "÷ npy", "cores per GPU"]
+    print(table(cols, rows))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,17 @@ D×D ``eigh`` of each experiment's control covariance (kept here as the referenc
 ``--skip-old`` leaves it out). The largest absolute difference between the two
 outputs is printed next to the table.
 
+Issue 16 (part 6), ``--recall-curve``: ``recall_benchmark`` alone on gene maps of 1k–18k genes (and
+more: ``--curve-genes``) × 256 features (``--curve-dim``), 4 wells per gene, three sources of 100,000 random pairs, at
+the configured thresholds and the recall curve's (as cellrep-eval passes them). Each size runs in its
+own subprocess, which reports wall and CPU seconds of the call and its peak RSS (``ru_maxrss``, the
+whole process: interpreter, torch and the wells included; the RSS before the call is printed too).
+``--with-before`` runs the previous implementation (full float64 G × G matrix, its upper triangle
+sorted per source; kept here as the reference) in another subprocess per size, up to
+``--before-max`` genes, and checks the two give identical results.
+
     python benchmarks/eval_cost.py [--quick]
+    python benchmarks/eval_cost.py --recall-curve [--curve-genes 1000 5000 10000 18000] [--with-before]
 """
 
 from __future__ import annotations
@@ -142,8 +152,112 @@ def tvn_eigh_per_experiment(emb: Embeddings) -> np.ndarray:
     return out
 
 
+def gene_map(genes: int, dim: int, wells_per_gene: int = 4, seed: int = 0) -> Embeddings:
+    """Exactly ``genes`` genes, each with ``wells_per_gene`` random treatment wells (float32)."""
+    rng = np.random.default_rng(seed)
+    names = np.repeat([f"G{i:05d}" for i in range(genes)], wells_per_gene)
+    meta = pd.DataFrame(
+        {"experiment": "E00", "perturbation": names, "perturbation_type": "CRISPR", "well_type": "treatment"}
+    )
+    return Embeddings(meta, rng.standard_normal((len(names), dim), dtype=np.float32))
+
+
+def recall_inputs(genes: int, dim: int):
+    """The gene map, three random 100,000-pair sources, and the thresholds cellrep-eval passes."""
+    from cellrep.config import RecallConfig
+
+    cfg, rng = RecallConfig(), np.random.default_rng(1)
+    names = np.array([f"G{i:05d}" for i in range(genes)])
+    sources = {
+        f"random{k}": pd.DataFrame({"gene_a": rng.choice(names, 100_000), "gene_b": rng.choice(names, 100_000)})
+        for k in range(3)
+    }
+    thresholds = [tuple(t) for t in cfg.thresholds]
+    thresholds += [t for t in ((q, round(1.0 - q, 12)) for q in cfg.curve) if t not in thresholds]
+    return gene_map(genes, dim), sources, thresholds
+
+
+def recall_before(emb: Embeddings, sources: dict, thresholds) -> dict:
+    """The previous recall_benchmark: the float64 G × G matrix, and per source its upper triangle
+    (triu_indices) sorted, then two searchsorted (docs/benchmarks.md, literally)."""
+    from cellrep.eval.recall import threshold_key
+
+    genes, x = gene_embeddings(emb)
+    cos = cosine_matrix(x)
+    out = {}
+    for name, pairs in sources.items():
+        index = pd.Index(genes)
+        a, b = index.get_indexer(pairs["gene_a"]), index.get_indexer(pairs["gene_b"])
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        ab = np.unique(np.stack([np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])], 1), axis=0)
+        null = np.sort(cos[np.triu_indices(len(genes), k=1)])
+        q = cos[ab[:, 0], ab[:, 1]]
+        r_lo = np.searchsorted(null, q, side="right") / len(null)
+        r_hi = np.searchsorted(null, q, side="left") / len(null)
+        res = {"n_pairs": len(ab), "n_genes": len(genes), "n_null": len(null)}
+        for lo, hi in thresholds:
+            res[threshold_key(lo, hi)] = float(np.mean((r_lo <= lo) | (r_hi >= hi)))
+        out[name] = res
+    return out
+
+
+def recall_point(genes: int, dim: int, before: bool) -> None:
+    """One size, in this (fresh) process: one JSON line with seconds, RSS and the results."""
+    import json
+    import resource
+
+    from cellrep.eval.recall import recall_benchmark
+
+    emb, sources, thresholds = recall_inputs(genes, dim)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = (recall_before if before else recall_benchmark)(emb, sources, thresholds)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"wall": wall, "cpu": cpu, "rss_before_mb": rss0 / 1024, "peak_mb": peak / 1024, "res": res}))
+
+
+def recall_curve(sizes, dim: int, with_before: bool, before_max: int) -> None:
+    import json
+    import os
+    import subprocess
+
+    def run(genes: int, before: bool) -> dict:
+        cmd = [sys.executable, __file__, "--recall-point", str(genes), "--dim", str(dim)]
+        out = subprocess.run(cmd + (["--before"] if before else []), capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    rows = []
+    for genes in sizes:
+        now = run(genes, False)
+        old = run(genes, True) if with_before and genes <= before_max else None
+        row = [f"{genes:,}", f"{now['res']['random0']['n_null']:,}", f"{now['wall']:.2f}", f"{now['cpu']:.2f}"]
+        row += [f"{now['peak_mb']:,.0f}", f"{now['rss_before_mb']:,.0f}"]
+        if old is not None:
+            row += [f"{old['wall']:.2f}", f"{old['peak_mb']:,.0f}", "yes" if old["res"] == now["res"] else "**NO**"]
+        elif with_before:
+            row += ["", "", ""]
+        rows.append(row)
+        print(" | ".join(row), file=sys.stderr, flush=True)
+    print(f"# machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"# recall_benchmark: 4 wells per gene × {dim} features, 3 sources × 100,000 random pairs, 9 thresholds")
+    head = ["genes", "null cosines", "wall s", "CPU s", "peak RSS MB", "RSS before MB"]
+    if with_before:
+        head += ["before: wall s", "before: peak RSS MB", "identical"]
+    print(table(head, rows))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recall-curve", action="store_true", help="recall_benchmark's seconds and peak RSS by genes")
+    p.add_argument("--curve-genes", type=int, nargs="+", default=[1000, 5000, 10_000, 18_000])
+    p.add_argument("--curve-dim", type=int, default=256, help="features of the --recall-curve gene maps")
+    p.add_argument("--with-before", action="store_true", help="also run the previous full-matrix recall")
+    p.add_argument("--before-max", type=int, default=18_000, help="largest gene count for --with-before")
+    p.add_argument("--recall-point", type=int, help=argparse.SUPPRESS)  # one size, in a subprocess
+    p.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--wells", type=int, default=20_000)
     p.add_argument("--dim", type=int, default=1024)
@@ -156,6 +270,10 @@ def main(argv=None) -> None:
     p.add_argument("--skip-umap", action="store_true", help="do not time the report's UMAP")
     p.add_argument("--compound-share", type=float, default=0.05)
     a = p.parse_args(argv)
+    if a.recall_point is not None:
+        return recall_point(a.recall_point, a.dim, a.before)
+    if a.recall_curve:
+        return recall_curve([200, 500] if a.quick else a.curve_genes, a.curve_dim, a.with_before, a.before_max)
     if a.quick:
         a.wells, a.dim, a.genes, a.experiments, a.pairs, a.repeats = 800, 16, 50, 4, 200, 1
     emb = screen(a.wells, a.dim, a.genes, a.experiments, compound_share=a.compound_share)

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cellrep.data.loading.batch_ring import BatchRing, RingImage, batch_buffer
 from cellrep.data.loading.transforms import BatchFinisher, center_crop, flip_rot90_view, random_crop_view
+from cellrep.data.shards.codecs import CODECS, manifest_encoding
 from cellrep.errors import CellrepError
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,16 @@ def _npy_header(shape: tuple) -> bytes:
     return buf.getvalue()
 
 
-def _decode(data, shape: tuple, header: bytes) -> np.ndarray:
+def _decode(data, shape: tuple, header: bytes, encoding: str = "npy") -> np.ndarray:
     """A sample's ``.npy`` bytes (any buffer: bytes, a memoryview of a mapped shard) → a C×H×W uint8 array.
 
     When the bytes start with the header every shard sample has (``header``, see :func:`_npy_header`), the
     array is a zero-copy view of ``data``: no header parsing, no 1.5 MB copy per sample. Anything else is
-    parsed by ``np.load``, which raises ``ValueError`` on garbage (then skipped and counted).
+    parsed by ``np.load``, which raises ``ValueError`` on garbage (then skipped and counted). Another
+    ``encoding`` (the manifest's) is decoded by its codec (:mod:`cellrep.data.shards.codecs`).
     """
+    if encoding != "npy":
+        return CODECS[encoding].decode(data, shape)
     n = math.prod(shape)
     view = memoryview(data)
     if len(view) == len(header) + n and view[: len(header)] == header:
@@ -99,7 +103,7 @@ def _member_bytes(mapped: mmap.mmap, name: str, offset: int, size: int) -> memor
     return memoryview(mapped)[offset : offset + size]
 
 
-def _shard_samples(shards, handler, shape: tuple, header: bytes):
+def _shard_samples(shards, handler, shape: tuple, header: bytes, encoding: str = "npy"):
     """``(row, C×H×W uint8 view)`` for each ``(path, rows, offsets, sizes)`` of ``shards`` (rows in tar
     order, with their ``.npy`` byte ranges from the index), sliced from a mapping of the shard.
 
@@ -121,7 +125,7 @@ def _shard_samples(shards, handler, shape: tuple, header: bytes):
                 handler(exn)
                 break
             try:
-                yield row, _decode(data, shape, header)
+                yield row, _decode(data, shape, header, encoding)
             except Exception as exn:  # noqa: BLE001 — a corrupt member is skipped and counted
                 handler(exn)
 
@@ -133,6 +137,7 @@ class _Samples:
         self.shards_dir, self.shape, self.crop = str(dm.shards_dir), tuple(dm.image_shape), dm.crop_size
         self.batch_size, self.max_corrupt = dm.batch_size, dm.max_corrupt
         self.header = _npy_header(self.shape)
+        self.encoding = manifest_encoding(dm.manifest)
         self.label = dm.index["label"].to_numpy(np.int64)
         self.plate = dm._plate_idx
         self.batch_shape = (self.batch_size, self.shape[0], self.crop, self.crop)
@@ -195,7 +200,8 @@ class TrainStream(IterableDataset):
         gen = torch.Generator().manual_seed(seed)
         errors = SkipCounter(self.s.max_corrupt)
         urls = (rng.choice(self.urls) for _ in iter(int, 1))  # resampled: endless
-        samples = _shard_samples(((u, *self.members[u]) for u in urls), errors, self.s.shape, self.s.header)
+        members = ((u, *self.members[u]) for u in urls)
+        samples = _shard_samples(members, errors, self.s.shape, self.s.header, self.s.encoding)
         # crop before shuffling, as views: the buffer holds no pixel copies. Flips and rotations are drawn
         # here, and applied either to the whole batch on the device (BatchFinisher: the worker copies plain
         # rows) or here, as strided views copied into the batch (CPU-only training: in parallel workers)
@@ -242,7 +248,7 @@ class EvalStream(IterableDataset):
             items = []
             for row in batch.tolist():
                 try:
-                    img = _decode(self._read(mapped, row), self.s.shape, self.s.header)
+                    img = _decode(self._read(mapped, row), self.s.shape, self.s.header, self.s.encoding)
                 except Exception as exn:  # noqa: BLE001 — skipped and counted
                     errors(exn)
                     continue

@@ -8,6 +8,11 @@ data cache): the first process does the work, the others wait and then find
 the cache complete and reuse it. The
 kernel releases the lock when its holder exits, so a killed run leaves no
 stale lock behind.
+
+The parts of a cluster run (``data.shard_part``, :func:`shard_part`) are meant to run at once, on
+a shared filesystem whose locks may not work: they take no shards lock (each writes only its own
+files, see :mod:`cellrep.data.shards.parts`). Only the synthetic screen is still generated under its
+lock, released before the part writes anything.
 """
 
 from __future__ import annotations
@@ -166,6 +171,12 @@ def ensure_shards(data_cfg: DictConfig, progress: bool = True) -> PreparedShards
 
     if is_url(data_cfg.get("shards_dir")):  # a finished shard set in object storage: read through a local mirror
         return PreparedShards(mirror(data_cfg.shards_dir, data_cfg.shards_cache), None)
+    if data_cfg.get("shard_part") is not None or data_cfg.get("shard_merge"):
+        raise CellrepError(
+            "data.shard_part / data.shard_merge write or merge one part of the shards, which only cellrep-shard does",
+            fix="shard first (cellrep-shard data.shard_part=... or data.shard_merge=true), then run "
+            "without data.shard_part and data.shard_merge",
+        )
     with _screen_lock(data_cfg, progress):
         source, shards_dir = _open_source(data_cfg, progress)
         with cache_lock(shards_lock_path(shards_dir), f"the shards at {shards_dir}", progress):
@@ -176,5 +187,43 @@ def ensure_shards(data_cfg: DictConfig, progress: bool = True) -> PreparedShards
                 num_workers=data_cfg.shard_workers,
                 progress=progress,
                 max_bad_fraction=data_cfg.get("max_bad_fraction", 0.01),
+                encoding=data_cfg.get("encoding", "npy"),
             )
     return PreparedShards(shards_dir, getattr(source, "root", None))
+
+
+def shard_part(data_cfg: DictConfig, progress: bool = True) -> tuple[Path, dict]:
+    """``data.shard_part`` of ``data.shard_parts`` without the shards lock; the last part merges.
+
+    Returns the shards directory and :func:`~cellrep.data.shards.parts.write_part`'s record."""
+    from cellrep.data.shards.parts import write_part
+
+    source, shards_dir = build_source(data_cfg, progress)  # the screen's lock only while opening
+    done = write_part(
+        source,
+        shards_dir,
+        int(data_cfg.shard_part),
+        int(data_cfg.shard_parts),
+        samples_per_shard=data_cfg.samples_per_shard,
+        num_workers=data_cfg.shard_workers,
+        progress=progress,
+        max_bad_fraction=data_cfg.get("max_bad_fraction", 0.01),
+        encoding=data_cfg.get("encoding", "npy"),
+    )
+    return shards_dir, done
+
+
+def merge_shard_parts(data_cfg: DictConfig, progress: bool = True) -> tuple[Path, dict]:
+    """``data.shard_merge=true``: index and manifest of the finished parts (their names if not all are)."""
+    from cellrep.data.shards.parts import merge_parts
+
+    source, shards_dir = build_source(data_cfg, progress)
+    manifest = merge_parts(
+        source,
+        shards_dir,
+        int(data_cfg.shard_parts),
+        samples_per_shard=data_cfg.samples_per_shard,
+        max_bad_fraction=data_cfg.get("max_bad_fraction", 0.01),
+        encoding=data_cfg.get("encoding", "npy"),
+    )
+    return shards_dir, manifest

@@ -4,10 +4,11 @@ Sources are read once (PNG/TIFF/JPEG 2000 decoding is the slow part), and
 training streams the shards. Layout of a shards directory:
 
 - ``<experiment>-p<plate>-<nnnn>.tar`` — samples of one plate, sorted by
-  site_id, so a batch split is a list of shards. Members per sample:
-  ``<key>.npy`` (the source's C×H×W uint8 array, lossless) and ``<key>.json``.
+  site_id, so a batch split is a list of shards. Members per sample: the
+  source's C×H×W uint8 array, lossless, in ``data.encoding`` (``<key>.npy`` by
+  default; :mod:`cellrep.data.shards.codecs`) and ``<key>.json``.
 - ``<shard>.stats.json`` — written right after its shard: exact integer pixel
-  sums (so stats need no re-read on resume) and each ``.npy``'s byte offset
+  sums (so stats need no re-read on resume) and each image member's byte offset
   (so evaluation can read single samples without streaming whole shards).
 - ``plan.json`` (written first: fingerprint + shard assignment, enables resume),
   ``index.parquet`` (one row per site, shard order) and ``manifest.json``
@@ -35,6 +36,7 @@ the per-plate statistics in :mod:`cellrep.data.shards.plate_stats`.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -50,6 +52,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from cellrep.data.schema import validate_metadata
+from cellrep.data.shards.codecs import codec
 from cellrep.data.shards.plate_stats import add_sums, empty_sums, image_sums, manifest_stats, plate_key
 from cellrep.data.shards.problems import PROBLEMS, bad_input_counts, bad_input_summary, check_bad_input
 from cellrep.data.sources.base import UnreadableSite
@@ -145,8 +148,11 @@ def _check_image(img, site_id: str, shape: tuple | None) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def _write_shard(source, spec: dict, rows: list[dict], out_dir: Path, shape, fingerprint: str, bar=None) -> dict:
+def _write_shard(
+    source, spec: dict, rows: list[dict], out_dir: Path, shape, fingerprint: str, bar=None, encoding: str = "npy"
+) -> dict:
     """Write one shard and its stats sidecar; return the sidecar."""
+    image = codec(encoding)
     path = out_dir / spec["name"]
     c = shape[0]
     stats = {"all": empty_sums(c), "controls": empty_sums(c)}
@@ -169,15 +175,13 @@ def _write_shard(source, spec: dict, rows: list[dict], out_dir: Path, shape, fin
                     fix="repair or remove that image; rerunning resumes from the finished shards",
                 ) from exc
             img = _check_image(img, sid, shape)
-            buf = io.BytesIO()
-            np.save(buf, img, allow_pickle=False)
             key = shard_key(sid)
             meta = json.dumps({k: _json_value(v) for k, v in row.items()}).encode()
-            for member, data in ((f"{key}.npy", buf.getvalue()), (f"{key}.json", meta)):
+            for member, data in ((f"{key}.{image.ext}", image.encode(img)), (f"{key}.json", meta)):
                 info = tarfile.TarInfo(member)
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
-                if member.endswith(".npy"):  # tar.offset: end of the padded data
+                if not member.endswith(".json"):  # the image's byte range; tar.offset: end of the padded data
                     offsets.append([tar.offset - 512 * -(-len(data) // 512), len(data)])
             s, sq = image_sums(img)
             one = {"sites": 1, "pixels": img.shape[1] * img.shape[2], "sum": s, "sumsq": sq}
@@ -190,6 +194,7 @@ def _write_shard(source, spec: dict, rows: list[dict], out_dir: Path, shape, fin
     sidecar = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
+        "encoding": encoding,
         "name": spec["name"],
         "sites_digest": _digest(spec["site_ids"]),
         "num_samples": len(offsets),
@@ -202,6 +207,10 @@ def _write_shard(source, spec: dict, rows: list[dict], out_dir: Path, shape, fin
     return sidecar
 
 
+def _enc(encoding: str) -> list[str]:
+    return [] if encoding == "npy" else [f"encoding:{encoding}"]
+
+
 def _digest(site_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(site_ids).encode()).hexdigest()
 
@@ -210,11 +219,13 @@ def _sidecar_path(out_dir: Path, name: str) -> Path:
     return out_dir / (name[: -len(".tar")] + ".stats.json")
 
 
-def _finished_sidecar(out_dir: Path, spec: dict, fingerprint: str) -> dict | None:
+def _finished_sidecar(out_dir: Path, spec: dict, fingerprint: str, encoding: str = "npy") -> dict | None:
     """The sidecar of a shard already written completely for this plan, else None."""
     path = out_dir / spec["name"]
     side = _read_json(_sidecar_path(out_dir, spec["name"]))
     if not side or not path.exists() or side.get("fingerprint") != fingerprint:
+        return None
+    if side.get("encoding", "npy") != encoding:  # sidecars older than the field are npy
         return None
     if side.get("sites_digest") != _digest(spec["site_ids"]) or side.get("size_bytes") != path.stat().st_size:
         return None
@@ -234,8 +245,8 @@ def _init_worker(source) -> None:
     _WORKER_SOURCE = source
 
 
-def _worker_task(spec, rows, out_dir, shape, fingerprint):
-    return _write_shard(_WORKER_SOURCE, spec, rows, out_dir, shape, fingerprint)
+def _worker_task(spec, rows, out_dir, shape, fingerprint, encoding):
+    return _write_shard(_WORKER_SOURCE, spec, rows, out_dir, shape, fingerprint, encoding=encoding)
 
 
 # ---------------------------------------------------------------- public API
@@ -257,6 +268,64 @@ def _refuse_other_dataset(out_dir: Path, source, plan: list[dict]) -> None:
             )
 
 
+def _setup(source, out_dir: Path, samples_per_shard: int, encoding: str = "npy") -> dict:
+    """What every writer (one process, a part, a merge) computes first: the same full plan."""
+    codec(encoding)  # an unknown encoding or a missing library fails before anything is written
+    meta = validate_metadata(source.metadata, source.name)
+    plan = plan_shards(meta, samples_per_shard)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _refuse_other_dataset(out_dir, source, plan)
+    problems = [dict(p) for p in getattr(source, "problems", ())]
+    return {
+        "meta": meta,
+        "channel_names": [str(c) for c in source.channel_names],
+        "plan": plan,
+        # another encoding is another plan (npy adds nothing: shard sets older than encodings stay up to date)
+        "plan_digest": _digest([f"{s['name']}:{_digest(s['site_ids'])}" for s in plan] + _enc(encoding)),
+        "encoding": encoding,
+        "problems": problems,
+        "total": len(meta) + len(problems),
+    }
+
+
+def _up_to_date(out_dir: Path, job: dict) -> dict | None:
+    old = _read_json(out_dir / MANIFEST)
+    if (
+        old
+        and old.get("plan_digest") == job["plan_digest"]
+        and (out_dir / INDEX).exists()
+        and all((out_dir / s["name"]).exists() for s in job["plan"])
+    ):
+        log.info("shards up to date: %s (%d samples)", out_dir, old["num_samples"])
+        return old
+    return None
+
+
+def _shape(source, job: dict) -> tuple[int, ...]:
+    shape = _probe_shape(source, job["plan"])
+    if shape[0] != len(job["channel_names"]):
+        raise CellrepError(
+            f"{source.name}: images have {shape[0]} channels but the source names {len(job['channel_names'])} "
+            f"({job['channel_names']})",
+            fix="make the reader's channel_names match the images it returns",
+        )
+    return shape
+
+
+def _write_specs(source, job, specs, out_dir, shape, num_workers, progress) -> dict[str, dict]:
+    """Write the shards of ``specs`` that have no finished sidecar (resume); return all their sidecars."""
+    enc = job["encoding"]
+    sidecars = {s["name"]: side for s in specs if (side := _finished_sidecar(out_dir, s, source.fingerprint, enc))}
+    if sidecars:
+        log.info("resuming: %d of %d shards already written", len(sidecars), len(specs))
+    todo = [s for s in specs if s["name"] not in sidecars]
+    done = sum(side["num_samples"] + len(side.get("skipped", ())) for side in sidecars.values())
+    total = sum(len(s["site_ids"]) for s in specs)
+    with tqdm(total=total, initial=done, unit="site", desc=f"sharding {source.name}", disable=not progress) as bar:
+        sidecars |= _write_missing(source, job["meta"], todo, out_dir, shape, num_workers, bar, enc)
+    return sidecars
+
+
 def write_shards(
     source,
     out_dir: Path,
@@ -264,6 +333,7 @@ def write_shards(
     num_workers: int = 0,
     progress: bool = True,
     max_bad_fraction: float = 0.01,
+    encoding: str = "npy",
 ) -> dict:
     """Write ``source`` into ``out_dir`` as shards; resume or skip work already done.
 
@@ -276,44 +346,24 @@ def write_shards(
     processes inherit) and stored as ``manifest["source"]``.
     """
     out_dir = Path(out_dir)
-    meta = validate_metadata(source.metadata, source.name)
-    channel_names = [str(c) for c in source.channel_names]
-    plan = plan_shards(meta, samples_per_shard)
-    plan_digest = _digest([f"{s['name']}:{_digest(s['site_ids'])}" for s in plan])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _refuse_other_dataset(out_dir, source, plan)
-    old = _read_json(out_dir / MANIFEST)
-    if (
-        old
-        and old.get("plan_digest") == plan_digest
-        and (out_dir / INDEX).exists()
-        and all((out_dir / s["name"]).exists() for s in plan)
-    ):
-        log.info("shards up to date: %s (%d samples)", out_dir, old["num_samples"])
+    job = _setup(source, out_dir, samples_per_shard, encoding)
+    if (old := _up_to_date(out_dir, job)) is not None:
         return old
-    problems = [dict(p) for p in getattr(source, "problems", ())]
-    total = len(meta) + len(problems)
-    check_bad_input(problems, total, max_bad_fraction, source.name, out_dir, final=False)
-    _start_plan(out_dir, source, plan, samples_per_shard)
+    check_bad_input(job["problems"], job["total"], max_bad_fraction, source.name, out_dir, final=False)
+    _start_plan(out_dir, source, job["plan"], samples_per_shard)
     source_info = source.describe() if callable(getattr(source, "describe", None)) else None
+    shape = _shape(source, job)
+    sidecars = _write_specs(source, job, job["plan"], out_dir, shape, num_workers, progress)
+    return _finish(source, job, sidecars, out_dir, shape, source_info, max_bad_fraction)
 
-    shape = _probe_shape(source, plan)
-    if shape[0] != len(channel_names):
-        raise CellrepError(
-            f"{source.name}: images have {shape[0]} channels but the source names {len(channel_names)} "
-            f"({channel_names})",
-            fix="make the reader's channel_names match the images it returns",
-        )
 
-    sidecars = {s["name"]: side for s in plan if (side := _finished_sidecar(out_dir, s, source.fingerprint))}
-    if sidecars:
-        log.info("resuming: %d of %d shards already written", len(sidecars), len(plan))
-    todo = [s for s in plan if s["name"] not in sidecars]
-    done = sum(side["num_samples"] + len(side.get("skipped", ())) for side in sidecars.values())
-    with tqdm(total=len(meta), initial=done, unit="site", desc=f"sharding {source.name}", disable=not progress) as bar:
-        sidecars |= _write_missing(source, meta, todo, out_dir, shape, num_workers, bar)
+def _finish(source, job, sidecars, out_dir, shape, source_info, max_bad_fraction) -> dict:
+    """``index.parquet`` then ``manifest.json`` from the sidecars of every shard of the plan.
 
-    problems += [p for s in plan for p in sidecars[s["name"]].get("skipped", ())]
+    A function of the plan and the sidecars only, so the merge of parts writes what one process
+    writes, and two merges at once write the same bytes (each file atomically)."""
+    plan, meta, total = job["plan"], job["meta"], job["total"]
+    problems = job["problems"] + [p for s in plan for p in sidecars[s["name"]].get("skipped", ())]
     check_bad_input(problems, total, max_bad_fraction, source.name, out_dir, final=True)
     index = _build_index(meta, plan, sidecars)
     with atomic_open(out_dir / INDEX) as f:
@@ -327,12 +377,12 @@ def write_shards(
         "format_version": FORMAT_VERSION,
         "dataset": source.name,
         "fingerprint": source.fingerprint,
-        "channel_names": channel_names,
+        "channel_names": job["channel_names"],
         "image_shape": list(shape),
-        "encoding": "npy",
+        "encoding": job["encoding"],
         "num_samples": len(index),
         "shards": shards,
-        "plan_digest": plan_digest,
+        "plan_digest": job["plan_digest"],
         "plate_stats": plate_stats,
         "global_stats": global_stats,
         "bad_input": bad_input_counts(problems, total),
@@ -355,16 +405,24 @@ def _probe_shape(source, plan: list[dict]) -> tuple[int, ...]:
     raise CellrepError(f"{source.name}: no site could be read", fix="check data.root and the image files")
 
 
-def _start_plan(out_dir: Path, source, plan: list[dict], samples_per_shard: int) -> None:
-    """Mark the directory incomplete, drop leftovers of an earlier plan of this dataset, write the plan."""
+def _start_plan(out_dir: Path, source, plan: list[dict], samples_per_shard: int, own: list[dict] | None = None) -> None:
+    """Mark the directory incomplete, drop leftovers of an earlier plan of this dataset, write the plan.
+
+    ``own``: the shards of one part (:mod:`cellrep.data.shards.parts`); parts run at once, so each
+    removes only its own shards' temp files. The plan file is the same bytes from every part."""
     (out_dir / MANIFEST).unlink(missing_ok=True)
     old_plan = _read_json(out_dir / PLAN) or {}
     for name in {s["name"] for s in old_plan.get("shards", [])} - {s["name"] for s in plan}:
         (out_dir / name).unlink(missing_ok=True)
         _sidecar_path(out_dir, name).unlink(missing_ok=True)
-    # temp files of a killed run (atomic_open names them .<name>.<random>.tmp); safe: one writer at a time
-    # (cellrep.data.shards.prepare holds a lock around sharding)
-    for tmp in [*out_dir.glob(".*.tmp"), *out_dir.glob(".*.tmp.*")]:
+    # temp files of a killed run (atomic_open names them .<name>.<random>.tmp); all of them is safe for the
+    # one writer cellrep.data.shards.prepare's lock admits, a part removes only those of its own shards
+    if own is None:
+        tmps = [*out_dir.glob(".*.tmp"), *out_dir.glob(".*.tmp.*")]
+    else:
+        stems = [s["name"] for s in own] + [_sidecar_path(out_dir, s["name"]).name for s in own]
+        tmps = [t for stem in stems for t in out_dir.glob(f".{glob.escape(stem)}.*.tmp")]
+    for tmp in tmps:
         tmp.unlink(missing_ok=True)
     _write_json(
         out_dir / PLAN,
@@ -379,7 +437,7 @@ def _start_plan(out_dir: Path, source, plan: list[dict], samples_per_shard: int)
     )
 
 
-def _write_missing(source, meta, todo, out_dir, shape, num_workers, bar) -> dict[str, dict]:
+def _write_missing(source, meta, todo, out_dir, shape, num_workers, bar, encoding="npy") -> dict[str, dict]:
     rows_by_site = meta.set_index("site_id", drop=False)
 
     def rows(spec):
@@ -388,10 +446,13 @@ def _write_missing(source, meta, todo, out_dir, shape, num_workers, bar) -> dict
     out = {}
     if num_workers <= 0 or not todo:
         for spec in todo:
-            out[spec["name"]] = _write_shard(source, spec, rows(spec), out_dir, shape, source.fingerprint, bar)
+            out[spec["name"]] = _write_shard(
+                source, spec, rows(spec), out_dir, shape, source.fingerprint, bar, encoding
+            )
         return out
     with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(source,)) as pool:
-        futs = {pool.submit(_worker_task, s, rows(s), out_dir, shape, source.fingerprint): s for s in todo}
+        args = (out_dir, shape, source.fingerprint, encoding)
+        futs = {pool.submit(_worker_task, s, rows(s), *args): s for s in todo}
         pending = set(futs)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
