@@ -1,8 +1,9 @@
 """GPU training throughput: images/s and model-FLOPs utilization (MFU), bf16, eager vs torch.compile.
 
 Cases (docs/PERFORMANCE.md): MAE ViT-L/8 at 256 px (6 channels, mask 0.75, 8×512 decoder,
-the ``experiment=mae_vit_l8`` model) and the supervised ResNet50 at 256 px
-(channels_last). One training step = forward + loss + backward + AdamW step
+the ``experiment=mae_vit_l8`` model), DINO ViT-L/16 with DINOv2's head and crops (2 global crops at
+the input size, 8 local ones at half of it, 65536 prototypes, iBOT on, teacher EMA in each step) and
+the supervised ResNet50 at 256 px (channels_last). One training step = forward + loss + backward + AdamW step
 under bf16 autocast with fp32 weights (what ``precision=bf16-mixed`` runs);
 inputs live on the GPU, so the figure is the model's ceiling, not the loader's.
 
@@ -12,6 +13,7 @@ forward + backward) × steps/s ÷ the GPU's dense bf16 peak. Recomputation
 
     python benchmarks/gpu_throughput.py                      # both models, eager and compiled
     python benchmarks/gpu_throughput.py --cases mae_vit_l8 --batch-mae 256 --json out.json
+    python benchmarks/gpu_throughput.py --cases dino_vit_l16 --batch-dino 64
     python benchmarks/gpu_throughput.py --device cpu --tiny   # smoke test of this script, no GPU
 
 Without CUDA (and without ``--device cpu``) it prints why and exits 0.
@@ -35,6 +37,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cellrep.models.backbone import build_backbone
+from cellrep.training.tasks.dino import DINOTask
+from cellrep.training.tasks.dino_loss import ema_update
 from cellrep.training.tasks.mae import MAETask
 
 # Dense bf16 tensor-core peaks (vendor datasheets, no sparsity), matched on the device name.
@@ -90,6 +94,29 @@ def mae_case(channels: int, size: int, tiny: bool, compile: bool):
     return task, lambda images: task(images)["loss"]
 
 
+def dino_case(channels: int, size: int, tiny: bool, compile: bool):
+    dims = dict(embed_dim=64, depth=2, num_heads=4) if tiny else {}
+    # DINOv2's head (65536 prototypes, 2048 hidden, 256 bottleneck), or a tiny one
+    sizes = (256, 64, 32) if tiny else (65536, 2048, 256)
+    head = dict(zip(("out_dim", "head_hidden_dim", "head_bottleneck_dim"), sizes))
+    task = DINOTask(
+        {"name": "vit_large_patch16_224", "img_size": size, "kwargs": dims},
+        channels,
+        optimizer={},
+        scheduler={},
+        local_crops=8,
+        ibot_weight=1.0,
+        compile=compile,
+        **head,
+    )
+
+    def loss(images: torch.Tensor) -> torch.Tensor:
+        ema_update(task.teacher, task.student, 0.996)  # the teacher's step, charged to the step's time
+        return task(images)[0]["loss"]
+
+    return task, loss
+
+
 def resnet_case(channels: int, size: int, tiny: bool, compile: bool, num_classes: int = 1139):
     model = build_backbone("resnet18" if tiny else "resnet50", in_chans=channels, num_classes=num_classes)
     model = model.to(memory_format=torch.channels_last)
@@ -105,7 +132,7 @@ def resnet_case(channels: int, size: int, tiny: bool, compile: bool, num_classes
     return model, loss
 
 
-CASES: dict[str, Callable] = {"mae_vit_l8": mae_case, "resnet50": resnet_case}
+CASES: dict[str, Callable] = {"mae_vit_l8": mae_case, "dino_vit_l16": dino_case, "resnet50": resnet_case}
 
 
 def measure(case: str, compile: bool, batch: int, flops: float, args, device: torch.device) -> Result:
@@ -193,6 +220,7 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default="mae_vit_l8,resnet50", help="comma-separated: " + ", ".join(CASES))
     p.add_argument("--batch-mae", type=int, default=128)
+    p.add_argument("--batch-dino", type=int, default=64, help="images; each gives 2 global + 8 local crops")
     p.add_argument("--batch-resnet", type=int, default=256)
     p.add_argument("--size", type=int, default=256, help="crop size in pixels")
     p.add_argument("--channels", type=int, default=6)
@@ -227,7 +255,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     results = []
     for case in args.cases.split(","):
-        batch = args.batch_mae if case.startswith("mae") else args.batch_resnet
+        batch = {"mae": args.batch_mae, "dino": args.batch_dino}.get(case.split("_")[0], args.batch_resnet)
         flops = count_flops(CASES[case], args, device, batch)
         for compile in compile_modes:
             results.append(measure(case, compile, batch, flops, args, device))

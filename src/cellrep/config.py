@@ -109,6 +109,12 @@ class DataConfig:
     channel_names: Optional[list[str]] = None  # expected channels; null = whatever the source has
     samples_per_shard: int = 256
     shard_workers: int = 0
+    # cellrep-shard on a cluster (docs/data.md, "Sharding on a cluster"): write part shard_part of
+    # shard_parts (whole plates; null: all of it, as one process); shard_merge: only merge finished parts
+    shard_part: Optional[int] = None
+    shard_parts: int = 1
+    shard_merge: bool = False
+    encoding: str = "npy"  # how shards store images: npy | npy_zstd | png (cellrep.data.shards.codecs)
     normalization: str = "plate_controls"  # one of cellrep.data.loading.transforms.NORMALIZATIONS
     crop_size: int = 48
     batch_size: int = 64  # per device
@@ -126,6 +132,9 @@ class DataConfig:
     # flips/rot90 of training crops: on the device with normalization (null: when CUDA is available),
     # or in the loader workers (false: CPU-only training keeps them in parallel processes)
     augment_on_device: Optional[bool] = None
+    # training: each batch sees a random non-empty channel subset (size uniform in 1..C; ChannelViT);
+    # channel-agnostic models (ca_vit_*) only (cellrep.data.loading.transforms.BatchFinisher)
+    channel_sampling: bool = False
     tiff: Optional[TiffConfig] = None
 
     def __post_init__(self) -> None:
@@ -140,6 +149,20 @@ class DataConfig:
         for key in ("batch_size", "crop_size", "samples_per_shard"):
             _at_least(f"data.{key}", getattr(self, key), 1)
         _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.shard_parts", self.shard_parts, 1)
+        from cellrep.data.shards.codecs import check_encoding
+
+        check_encoding(self.encoding)
+        if self.shard_part is not None and not 0 <= self.shard_part < self.shard_parts:
+            raise CellrepError(
+                f"data.shard_part={self.shard_part} is not a part of data.shard_parts={self.shard_parts}",
+                fix=f"use data.shard_part=0..{self.shard_parts - 1} (or range({self.shard_parts}) in a sweep)",
+            )
+        if self.shard_merge and self.shard_part is not None:
+            raise CellrepError(
+                "data.shard_merge=true merges the parts; it writes no part itself",
+                fix="drop data.shard_part from the merge command (keep data.shard_parts=N)",
+            )
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise CellrepError(
                 f"data.max_bad_fraction={self.max_bad_fraction} is not a fraction",
@@ -236,7 +259,11 @@ class TaskConfig(GraphPriorConfig):
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     label_smoothing: float = 0.0
-    init_from: Optional[str] = None  # checkpoint whose encoder starts the backbone (keys checked exactly)
+    # a cellrep checkpoint or a published encoder (timm weights, OpenPhenom directory, DINOv2; docs/encoders.md)
+    # whose weights start the backbone (keys checked exactly)
+    init_from: Optional[str] = None
+    # init_from's first convolution has other channels than the data: repeat | mean (docs/encoders.md); null: an error
+    init_channels: Optional[str] = None
     monitor: str = "val/acc"  # the metric that picks checkpoints/best.ckpt
     monitor_mode: str = "max"
     # per-block linear probes of the backbone every N epochs while training (callbacks.block_probes); 0 = off:
@@ -250,6 +277,7 @@ class TaskConfig(GraphPriorConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_init_from(self.init_from)
+        _check_channel_adaptation("task.init_channels", self.init_channels)
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise CellrepError(f"task.label_smoothing={self.label_smoothing} is not in [0, 1]", fix="e.g. 0.1")
         if self.finetune_epochs < 0:
@@ -298,14 +326,84 @@ class MAETaskConfig(GraphPriorConfig):
             )
 
 
+@dataclass
+class DINOTaskConfig(GraphPriorConfig):
+    """DINOv2-style self-distillation (task=dino); see cellrep.training.tasks.dino. The defaults are sized
+    for the CPU recipe of docs; DINOv2's own value (ViT-L/14 on ImageNet) is in each comment."""
+
+    name: str = "dino"
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(base_lr=5e-4, weight_decay=0.04))
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(warmup_fraction=0.1))
+    out_dim: int = 4096  # prototypes of the DINO head (DINOv2: 65536)
+    head_hidden_dim: int = 512  # (DINOv2: 2048)
+    head_bottleneck_dim: int = 128  # L2-normalized bottleneck before the prototypes (DINOv2: 256)
+    head_layers: int = 3  # (DINOv2: 3)
+    student_temp: float = 0.1  # (DINOv2: 0.1)
+    teacher_temp: float = 0.07  # after warm-up (DINOv2: 0.07)
+    warmup_teacher_temp: float = 0.04  # at the start (DINOv2: 0.04)
+    teacher_temp_warmup_fraction: float = 0.3  # of all steps (DINOv2: 30 of 100 epochs)
+    centering: str = "center"  # center: EMA centering (DINOv2's default) | sinkhorn: Sinkhorn-Knopp
+    center_momentum: float = 0.9  # (DINOv2: 0.9)
+    momentum_teacher: float = 0.992  # EMA momentum at the start, cosine to final (DINOv2: 0.992)
+    final_momentum_teacher: float = 1.0  # (DINOv2: 1.0)
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])  # area fraction (DINOv2: 0.32, 1)
+    local_crops: int = 4  # number of local crops (DINOv2: 8); 0 = global crops only
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])  # (DINOv2: 0.05, 0.32)
+    local_crop_size: Optional[int] = None  # null: half data.crop_size on the patch grid (DINOv2: 96 of 224)
+    koleo_weight: float = 0.1  # KoLeo regularizer on the student's class tokens (DINOv2: 0.1)
+    ibot_weight: float = 0.0  # iBOT masked-patch loss; 0 = off (DINOv2: 1.0)
+    ibot_mask_probability: float = 0.5  # share of global crops that get masked (DINOv2: 0.5)
+    ibot_mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # of their patch tokens (DINOv2: 0.1, 0.5)
+    ibot_separate_head: bool = False  # iBOT's own head instead of the DINO head (DINOv2: false)
+    freeze_prototypes_fraction: float = 0.0  # prototypes get no gradient this first fraction (DINOv2: 1 of 100 epochs)
+    # warn (after the LR warm-up) when the teacher's entropy gap or a feature std·√D falls below it
+    collapse_threshold: float = 0.01
+    compile: bool = False  # torch.compile every transformer block
+    init_from: Optional[str] = None  # checkpoint whose encoder starts the student (keys checked exactly)
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+    # per-block linear probes of the teacher every N epochs (callbacks.block_probes); 0 = off
+    probe_every_n_epochs: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_init_from(self.init_from)
+        _one_of("task.centering", self.centering, ["center", "sinkhorn"])
+        for key in ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers"):
+            _at_least(f"task.{key}", getattr(self, key), 1)
+        _at_least("task.local_crops", self.local_crops, 0)
+        for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            if getattr(self, key) <= 0:
+                raise CellrepError(f"task.{key}={getattr(self, key)} must be positive", fix="DINOv2: 0.1 / 0.07 / 0.04")
+        for key in ("koleo_weight", "ibot_weight"):
+            _at_least(f"task.{key}", getattr(self, key), 0.0)
+        for key in ("momentum_teacher", "final_momentum_teacher", "center_momentum", "ibot_mask_probability"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise CellrepError(f"task.{key}={getattr(self, key)} is not in [0, 1]", fix="e.g. 0.992, 1.0, 0.9, 0.5")
+        for key in ("global_crops_scale", "local_crops_scale", "ibot_mask_ratio"):
+            lo_hi = list(getattr(self, key))
+            if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
+                raise CellrepError(
+                    f"task.{key}={lo_hi} is not a range [low, high] inside (0, 1]", fix="e.g. [0.32, 1.0]"
+                )
+
+
 def _check_init_from(path: Optional[str]) -> None:
     from pathlib import Path
 
-    if path is not None and not Path(path).is_file():
+    if path is not None and not (Path(path).is_file() or (Path(path) / "config.json").is_file()):
         raise CellrepError(
             f"task.init_from: no checkpoint at {path}",
-            fix="point it at a pretraining run's checkpoints/last.ckpt (or drop task.init_from)",
+            fix="point it at a pretraining run's checkpoints/last.ckpt, a published encoder's weights file or "
+            "release directory (docs/encoders.md), or drop task.init_from",
         )
+
+
+def _check_channel_adaptation(key: str, value: Optional[str]) -> None:
+    from cellrep.models.pretrained import CHANNEL_ADAPTATIONS
+
+    if value is not None:
+        _one_of(key, value, CHANNEL_ADAPTATIONS)
 
 
 @dataclass
@@ -388,6 +486,9 @@ class ProbeTrainingConfig:
     batch_size: int = 256
     weight_decay: float = 1e-4
     knn: bool = True  # also 1-nearest-neighbour (cosine) accuracy and macro-F1 per block (CHAMMI)
+    # cellrep-probe: the best block's held-out top-1 with each channel removed (C more backbone passes;
+    # cellrep.eval.channels, probe_channels.csv)
+    leave_one_channel_out: bool = False
 
     def __post_init__(self) -> None:
         if not self.lrs or min(self.lrs) <= 0 or self.epochs < 1 or self.batch_size < 2:
@@ -574,6 +675,22 @@ class ProbeRunConfig:
     paths: Any = None
     trainer: Any = None  # trainer=ddp trainer.devices=N: embed on N ranks (cellrep.eval.ranks); null: one process
     run_name: Optional[str] = None  # a fixed run directory: re-running the same command resumes a killed embedding
+    # embed with only these channels (names of the data's channel_names, or indices); null: all.
+    # A CA-ViT drops the others, a fixed-channel model sees them as zeros (cellrep.eval.channels)
+    channels: Optional[list[str]] = None
+    # a published encoder instead of ckpt_path (docs/encoders.md): timm weights (.safetensors or a torch state
+    # dict), an OpenPhenom release directory, DINOv2 weights; data and split then come from data=/split=
+    encoder: Optional[str] = None
+    encoder_model: Optional[str] = None  # the timm architecture of bare weights (resnet18, vit_small_patch16_224, ...)
+    # the encoder's first convolution has other channels than the data: repeat | mean; null: an error
+    encoder_channels: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.ckpt_path is not None and self.encoder is not None:
+            raise CellrepError(
+                "ckpt_path and encoder are both set", fix="pass ckpt_path=<cellrep checkpoint> or encoder=<published>"
+            )
+        _check_channel_adaptation("encoder_channels", self.encoder_channels)
 
 
 @dataclass
@@ -596,6 +713,7 @@ class EvalRunConfig(ProbeRunConfig):
     task: dict[str, Any] = field(default_factory=lambda: {"name": "eval"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         bad = [c for c in self.corrections if c not in CORRECTIONS]
         if bad or not self.corrections:
             raise CellrepError(
@@ -610,10 +728,11 @@ class EvalRunConfig(ProbeRunConfig):
                 f"rename={self.rename!r} is not a mapping of column names",
                 fix="use rename={file_column:canonical_column,...}, e.g. rename={gene:perturbation}",
             )
-        if (self.ckpt_path is None) == (self.embeddings is None):
+        if sum(x is not None for x in (self.ckpt_path, self.encoder, self.embeddings)) != 1:
             raise CellrepError(
-                "cellrep-eval needs exactly one of ckpt_path=... and embeddings=...",
-                fix="pass ckpt_path=<checkpoint> or embeddings=<parquet with feature_* columns>",
+                "cellrep-eval needs exactly one of ckpt_path=..., encoder=... and embeddings=...",
+                fix="pass ckpt_path=<checkpoint>, encoder=<published encoder> (docs/encoders.md) or "
+                "embeddings=<parquet with feature_* columns>",
             )
 
 
@@ -626,6 +745,7 @@ def register_configs() -> None:
         ("model", ModelConfig),
         ("task", TaskConfig),
         ("mae_task", MAETaskConfig),
+        ("dino_task", DINOTaskConfig),
         ("trainer", TrainerConfig),
         ("paths", PathsConfig),
         ("probe", ProbeRunConfig),  # primary configs of the evaluation (see the block above)
@@ -671,7 +791,35 @@ def to_schema(cfg: DictConfig) -> dict[str, Any]:
                 ) from None
     if isinstance(out.get("task"), MAETaskConfig) and "model" in out and "data" in out:
         _check_mae_model(out["model"], out["data"])
+    if "model" in out and "data" in out and out["data"].channel_sampling:
+        name = getattr(out.get("task"), "name", "supervised")
+        if name not in ("supervised", "mae"):  # the tasks that pass a batch's channel_ids to the encoder
+            raise CellrepError(
+                f"data.channel_sampling=true is not supported by task={name}",
+                fix="use task=supervised or task=mae, or set data.channel_sampling=false",
+            )
+        _check_channel_sampling(out["model"])
     return out
+
+
+def _check_channel_sampling(model: ModelConfig) -> None:
+    """data.channel_sampling drops channels per batch: only a channel-agnostic model takes that."""
+    import torch
+
+    from cellrep.models.backbone import build_backbone
+
+    try:
+        with torch.device("meta"):
+            encoder = build_backbone(model.name, in_chans=1, img_size=model.img_size, **dict(model.kwargs))
+    except CellrepError:
+        raise
+    except Exception:  # noqa: BLE001 — cannot be built on the meta device: the real build will tell
+        return
+    if not getattr(encoder, "channel_agnostic", False):
+        raise CellrepError(
+            f"data.channel_sampling=true needs a channel-agnostic model; {model.name} takes a fixed channel count",
+            fix="use a model=ca_vit_* (e.g. model=ca_vit_s16), or set data.channel_sampling=false",
+        )
 
 
 def _check_mae_model(model: ModelConfig, data: DataConfig) -> None:

@@ -20,7 +20,7 @@ from cellrep.annotations import load_pairs
 from cellrep.cli.evaluate import evaluate
 from cellrep.errors import CellrepError
 
-QUIET = ("progress=false",)
+QUIET = ("progress=false", "plots.umap=false")  # UMAP: tests/eval/test_plots_umap.py
 
 
 def write_screen(folder, replicates=3, seed=0, dim=8):

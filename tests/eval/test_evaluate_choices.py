@@ -19,7 +19,7 @@ from cellrep.eval.features import block_names, pooled_block_features
 from cellrep.eval.pipeline import best_block_from_file
 from cellrep.models.checkpoint import load_backbone
 
-QUIET = ("progress=false", "loader.num_workers=0")
+QUIET = ("progress=false", "loader.num_workers=0", "plots.umap=false")  # UMAP has its own tests
 ONLY_EMBED = ("benchmarks=[]", "corrections=[none]")  # the block choice is the point here, not the benchmarks
 BLOCK = "act1"  # the stem: the cheapest pass, and not what block=last would give
 

@@ -15,14 +15,14 @@ import pytest
 
 from cellrep.cli.evaluate import evaluate
 
-QUIET = ("progress=false", "loader.num_workers=0")
+QUIET = ("progress=false", "loader.num_workers=0", "plots.umap=false")  # UMAP: test_plots_umap, and below
 
 
 @pytest.fixture(scope="module")
 def evaluated(checkpoint, compose_cfg, tmp_path_factory, shared_data_dir):
     """The model's final stage (block=last): the science checks should not hinge on a noisy block choice."""
     root = tmp_path_factory.mktemp("eval")
-    cfg = compose_cfg("eval", [*QUIET, f"ckpt_path={checkpoint}", "block=last"], root, shared_data_dir)
+    cfg = compose_cfg("eval", [*QUIET, f"ckpt_path={checkpoint}", "block=last", "plots.umap=true"], root, shared_data_dir)
     return evaluate(cfg), root / "run"
 
 
@@ -51,7 +51,7 @@ def test_outputs_of_an_evaluation(evaluated):
     assert set(saved["benchmarks"]["tvn"]) == {"recall", "consistency", "dti", "classification"}
     assert saved["skipped"] == {}
     report = (run / "report.md").read_text()
-    for plot in ("recall.png", "dti.png"):
+    for plot in ("recall.png", "dti.png", "umap.png"):
         assert f"]({plot})" in report and (run / plot).stat().st_size > 0
     assert any(c.startswith("eval/tvn/recall/StringDB") for c in pd.read_csv(run / "csv" / "metrics.csv").columns)
 

@@ -32,7 +32,7 @@ from cellrep.cli.rundir import RunDir
 from cellrep.config import register_configs
 from cellrep.eval import plots
 from cellrep.eval.embeddings import read_embeddings
-from cellrep.eval.pipeline import across_ranks, embed_checkpoint, prepare, probe_settings
+from cellrep.eval.pipeline import across_ranks, embed_checkpoint, model_file, prepare, probe_settings
 from cellrep.eval.report import benchmark_lines, probe_lines, write_markdown
 from cellrep.eval.runtime import log_to_loggers, probe_summary, save_probe_outputs, validate_config
 from cellrep.eval.suite import flatten, resolve_targets, run_suite
@@ -52,7 +52,7 @@ def load_or_embed(cfg: DictConfig, run: RunDir) -> tuple[Any, dict[str, Any], li
     cfg.model = {"name": prep.model["name"]}  # logger names refer to ${model.name}
     emb, block, result = embed_checkpoint(cfg, prep, progress=cfg.progress)
     info = {
-        "checkpoint": str(cfg.ckpt_path),
+        "checkpoint": model_file(cfg),
         "model": prep.model["name"],
         "block": block,
         "data/split from": prep.data_source,

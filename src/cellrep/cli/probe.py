@@ -31,8 +31,9 @@ from cellrep.cli.resume import pin_ddp_children
 from cellrep.cli.rundir import RunDir
 from cellrep.config import register_configs
 from cellrep.errors import CellrepError
-from cellrep.eval.pipeline import across_ranks, prepare, probe_all_blocks, probe_settings
-from cellrep.eval.report import probe_lines
+from cellrep.eval.channels import channel_summary, leave_one_channel_out, save_channel_outputs
+from cellrep.eval.pipeline import across_ranks, model_file, prepare, probe_all_blocks, probe_settings
+from cellrep.eval.report import channel_lines, probe_lines
 from cellrep.eval.runtime import log_to_loggers, probe_summary, save_probe_outputs, validate_config
 
 log = logging.getLogger("cellrep.cli.probe")
@@ -42,8 +43,11 @@ register_resolvers()
 
 def probe(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg)
-    if not cfg.ckpt_path:
-        raise CellrepError("ckpt_path is not set", fix="pass ckpt_path=<run>/checkpoints/best.ckpt")
+    if not cfg.ckpt_path and not cfg.get("encoder"):
+        raise CellrepError(
+            "ckpt_path is not set",
+            fix="pass ckpt_path=<run>/checkpoints/best.ckpt, or encoder=<published encoder> (docs/encoders.md)",
+        )
     torch.manual_seed(cfg.seed)
     run = RunDir(cfg.paths.output_dir)
     run.write_provenance(cfg)
@@ -55,6 +59,13 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
     feats, sites, result = probe_all_blocks(prep, probe_settings(cfg), progress=cfg.progress)
     seconds = time.perf_counter() - start
     outputs = save_probe_outputs(run.path, result)
+    channels = None
+    if cfg.probe.get("leave_one_channel_out"):
+        best = result.table.loc[result.table["block"] == result.best_block, "test_acc"].iloc[0]
+        channels = leave_one_channel_out(
+            prep.backbone, prep.datamodule, prep.device, result.best_block, best, probe_settings(cfg), cfg.progress
+        )
+        outputs.update(save_channel_outputs(run.path, channels))
 
     summary = probe_summary(result)
     if "knn_top1" in result.table:
@@ -63,7 +74,7 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "probe": summary,
         "model": prep.model["name"],
-        "ckpt_path": str(cfg.ckpt_path),
+        "ckpt_path": model_file(cfg),
         "num_blocks": len(result.table),
         "num_sites": int(len(sites)),
         "num_classes": prep.datamodule.num_classes,
@@ -72,7 +83,10 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "run_dir": str(run.path),
         "files": {k: str(v) for k, v in outputs.items()},
+        "channels": prep.datamodule.channel_plan.kept_names,
     }
+    if channels is not None:
+        metrics["leave_one_channel_out"] = channel_summary(channels)
     flat = {f"probe/test_acc/{b}": v for b, v in summary["test_acc"].items()}
     flat.update({f"probe/val_acc/{b}": v for b, v in summary["val_acc"].items()})
     for col in ("knn_top1", "knn_macro_f1"):
@@ -81,12 +95,14 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
         {"probe/best_block_index": summary["best_block_index"], "probe/best_test_acc": summary["best_test_acc"]}
     )
     log_to_loggers(
-        cfg, flat, {"best_block": result.best_block, "ckpt_path": str(cfg.ckpt_path), "model": prep.model["name"]}
+        cfg, flat, {"best_block": result.best_block, "ckpt_path": model_file(cfg), "model": prep.model["name"]}
     )
     run.write_metrics(metrics)
 
     print("\n".join(probe_lines(result.table, result.best_block, result.selected_on)))
     print("\n".join(knn_lines(result.table)))
+    if channels is not None:
+        print("\n".join(channel_lines(channels)))
     print(
         f"best block: {result.best_block} (index {summary['best_block_index']}), held-out top-1 "
         f"{summary['best_test_acc']:.3f} (chance {summary['chance']:.3f}); {len(result.table)} blocks from one "

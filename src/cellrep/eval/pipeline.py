@@ -17,12 +17,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cellrep.errors import CellrepError
+from cellrep.eval.channels import ChannelPlan, apply_channels, match_channels, resolve_channels
 from cellrep.eval.checkpoint import build_eval_datamodule, eval_data_config
 from cellrep.eval.embeddings import Embeddings, aggregate_wells
 from cellrep.eval.features import BlockFeatures, block_names, extract_block_features, resolve_block
 from cellrep.eval.probe import ProbeResult, ProbeSettings, train_probes
 from cellrep.eval.ranks import features_across_ranks
 from cellrep.models.checkpoint import load_backbone
+from cellrep.models.pretrained import load_published_encoder, published_normalization
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +49,50 @@ def pick_device(name: str) -> torch.device:
 
 
 def prepare(cfg: DictConfig) -> Prepared:
-    """Load the backbone and the training run's data (split included) for evaluation."""
-    backbone, meta = load_backbone(cfg.ckpt_path)
+    """Load the backbone and the training run's data (split included) for evaluation.
+
+    With ``encoder=`` (a published encoder, docs/encoders.md) data and split come from the command
+    line, the encoder is built for the data's channels and crop, and the normalization it was trained
+    with (OpenPhenom: per image) replaces ``data.normalization``.
+    """
+    if not cfg.get("encoder"):
+        backbone, meta = load_backbone(cfg.ckpt_path)
     data, split, seed, source = eval_data_config(cfg)
+    if cfg.get("encoder"):
+        norm = published_normalization(cfg.encoder)
+        if norm is not None and norm != data.normalization:
+            log.info("%s expects data.normalization=%s (not %s): using it", cfg.encoder, norm, data.normalization)
+            data = OmegaConf.merge(data, {"normalization": norm})
     dm, shards = build_eval_datamodule(data, split, seed, cfg.loader.batch_size, cfg.loader.num_workers)
-    if dm.in_chans != meta["in_chans"]:
-        raise CellrepError(
-            f"the checkpoint takes {meta['in_chans']} channels but the data has {dm.in_chans}",
-            fix="evaluate on the data the model was trained on (use_run_config=true)",
+    if cfg.get("encoder"):
+        backbone, meta = load_published_encoder(
+            cfg.encoder, cfg.get("encoder_model"), dm.in_chans, cfg.get("encoder_channels"), int(data.crop_size)
         )
+    if meta.get("format") in (None, "cellrep"):
+        # a CA-ViT maps the data's channels by name (any subset of its training channels); a fixed-channel
+        # model needs its channel count; channels=[...]: only those (eval/channels.py)
+        match_channels(backbone, meta, dm, model_file(cfg), cfg.get("channels"))
+    else:  # built for the data's channels, in their order: channels=[...] still picks a subset
+        names = list(dm.channel_names)
+        keep = resolve_channels(cfg.channels, names) if cfg.get("channels") else list(range(len(names)))
+        agnostic = bool(getattr(backbone, "channel_agnostic", False))
+        plan = ChannelPlan(names, agnostic, list(range(len(names))) if agnostic else None, keep)
+        apply_channels(backbone, dm, plan, keep)
+        dm.channel_plan = plan
     log.info("evaluating %s on %d sites (data/split from %s)", meta["model"]["name"], len(dm.index), source)
     return Prepared(backbone, dm, pick_device(cfg.device), meta["model"], source, shards.dataset_root)
+
+
+def model_file(cfg: DictConfig) -> str:
+    """What is evaluated: the checkpoint, or the published encoder (recorded in metrics and reports)."""
+    return str(cfg.get("ckpt_path") or cfg.get("encoder"))
 
 
 def across_ranks(prep: Prepared, cfg: DictConfig, run_dir: Path) -> Prepared:
     """With a ``trainer`` group (``trainer=ddp trainer.devices=N``), features come from all its ranks."""
     if cfg.get("trainer"):
         prep.trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-        prep.run_dir, prep.source = Path(run_dir), str(cfg.ckpt_path)
+        prep.run_dir, prep.source = Path(run_dir), model_file(cfg)
     return prep
 
 

@@ -33,6 +33,16 @@ def probe_lines(table: pd.DataFrame, best: str, selected_on: str) -> list[str]:
     return lines
 
 
+def channel_lines(table: pd.DataFrame) -> list[str]:
+    """The leave-one-channel-out table (cellrep.eval.channels): held-out top-1 of one block's probe with
+    each channel removed, and the change from all channels."""
+    lines = [f"leave one channel out ({table['block'].iloc[0]}, held-out top-1):"]
+    lines.append(f"  {'removed':<20} {'channels':>8} {'top-1':>6} {'change':>7}")
+    for r in table.itertuples():
+        lines.append(f"  {r.removed:<20} {r.channels:>8} {_f(r.test_acc):>6} {r.delta:>+7.3f}")
+    return lines
+
+
 def benchmark_lines(metrics: dict[str, dict], skipped: dict[str, str]) -> list[str]:
     """The console form of :func:`benchmark_rows`: one aligned row per number, one column per correction."""
     if not metrics:

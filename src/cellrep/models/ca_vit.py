@@ -32,11 +32,13 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, ParallelScalingBlock
 
 from cellrep.errors import CellrepError
 from cellrep.models.vit import sincos_pos_embed
 from cellrep.models.vit_tokens import block_outputs, run_blocks, vit_tokens
+
+_BLOCKS = {"standard": Block, "parallel": ParallelScalingBlock}
 
 
 class ChannelAgnosticViT(nn.Module):
@@ -58,32 +60,52 @@ class ChannelAgnosticViT(nn.Module):
         drop_path_rate: float = 0.0,
         in_chans: Optional[int] = None,
         img_size: Optional[int] = None,
+        # the structure of published CA-MAE encoders (OpenPhenom: cellrep.models.pretrained); defaults: cellrep's own
+        block: str = "standard",  # "parallel": timm's ParallelScalingBlock (attention and MLP from one in-projection)
+        qk_norm: bool = False,  # LayerNorm of queries and keys per head
+        init_values: Optional[float] = None,  # LayerScale of each block's residual branch (None: none)
+        final_norm: bool = True,  # false: no LayerNorm after the last block (OpenPhenom's encoder applies none)
+        pos_layout: str = "timm",  # sin-cos quarters: "timm" [sin h|sin w|cos h|cos w], "hw" [sin h|cos h|sin w|cos w]
     ):
         # in_chans / img_size are accepted (timm passes them) and not needed: any count and size work.
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise CellrepError(f"unknown global_pool '{global_pool}' for a CA-ViT", fix="use 'token' or 'avg'")
+        if block not in _BLOCKS or pos_layout not in ("timm", "hw"):
+            raise CellrepError(
+                f"unknown CA-ViT block '{block}' or pos_layout '{pos_layout}'",
+                fix=f"use block one of {list(_BLOCKS)} and pos_layout 'timm' or 'hw'",
+            )
+        self.pos_layout = pos_layout
         self.patch_size, self.embed_dim, self.num_features = patch_size, embed_dim, embed_dim
         self.max_channels, self.global_pool, self.num_classes = max_channels, global_pool, num_classes
         self.grad_checkpointing = False
+        # slots of the input channels when a call passes no channel_ids: evaluation on another screen's
+        # channels or a subset (set by cellrep.eval.channels); not saved, None: slot c for channel c
+        self.input_channel_ids: Optional[torch.Tensor] = None
         self.patch_embed = nn.Conv2d(1, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.channel_embed = nn.Parameter(torch.zeros(max_channels, embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth, linear in depth
         self.blocks = nn.Sequential(
             *[
-                Block(
+                _BLOCKS[block](
                     embed_dim,
                     num_heads,
                     mlp_ratio=mlp_ratio,
+                    # a parallel block's one in-projection bias covers MLP and q/k/v alike
                     qkv_bias=True,
+                    qk_norm=qk_norm,
+                    init_values=init_values,
                     drop_path=rate,
                     norm_layer=partial(nn.LayerNorm, eps=1e-6),
                 )
                 for rate in rates
             ]
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        # per-block features, listed as timm's VisionTransformer does (cellrep.eval.features probes them)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
 
@@ -100,7 +122,10 @@ class ChannelAgnosticViT(nn.Module):
 
     # -- tokens -----------------------------------------------------------------------------------
     def channel_slots(self, num_channels: int, channel_ids: Optional[torch.Tensor], device) -> torch.Tensor:
-        """The channel-embedding slot of each input channel (default: slot c for channel c)."""
+        """The channel-embedding slot of each input channel (default: ``input_channel_ids``, else slot c
+        for channel c)."""
+        if channel_ids is None:
+            channel_ids = self.input_channel_ids
         if channel_ids is None:
             if num_channels > self.max_channels:
                 raise CellrepError(
@@ -125,6 +150,9 @@ class ChannelAgnosticViT(nn.Module):
         h, w = tokens.shape[-2:]
         tokens = tokens.flatten(2).transpose(1, 2).reshape(B, C, h * w, self.embed_dim)
         pos = sincos_pos_embed((h, w), self.embed_dim, device=x.device, dtype=tokens.dtype)
+        if self.pos_layout == "hw":  # the same table with its quarters in maes_microscopy's order
+            sin_h, sin_w, cos_h, cos_w = pos.chunk(4, dim=-1)
+            pos = torch.cat([sin_h, cos_h, sin_w, cos_w], dim=-1)
         chan = self.channel_embed[self.channel_slots(C, channel_ids, x.device)].to(tokens.dtype)
         tokens = tokens + pos[None, None] + chan[None, :, None]
         cls = self.cls_token.to(tokens.dtype).expand(B, -1, -1)

@@ -30,10 +30,11 @@ from cellrep.errors import CellrepError
 from cellrep.models.backbone import build_backbone
 
 # Where each task keeps its encoder in the state dict (its LightningModule attribute path).
-ENCODER_PREFIXES: dict[str, str] = {"supervised": "backbone.", "mae": "mae.encoder."}
+# DINO: the teacher's backbone, the encoder DINO evaluates (cellrep.training.tasks.dino).
+ENCODER_PREFIXES: dict[str, str] = {"supervised": "backbone.", "mae": "mae.encoder.", "dino": "teacher.backbone."}
 SHOWN = 8  # keys named per kind of mismatch; the count says how many more
 # torch's own advice in a weights_only refusal is to retry with weights_only=False: not ours to pass on.
-_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
+_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1) ", "(2) ")
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,15 @@ class Checkpoint:
         raise CellrepError(
             f"{setting}: {self.path} holds no encoder weights (no keys under "
             f"{' or '.join(ENCODER_PREFIXES.values())}; {_named('its keys', sorted(self.state_dict))})",
-            fix="use a checkpoint of a task=mae or task=supervised run",
+            fix="use a checkpoint of a task=mae, task=dino or task=supervised run",
         )
 
 
 def _why(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    kept = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
+    kept = [
+        line.split(" Please use `torch.serialization")[0] for line in lines if not line.startswith(_TORCH_BOILERPLATE)
+    ]
     return f"{type(exc).__name__}: {' '.join(kept[:2]) or (lines[0] if lines else 'no detail')}"
 
 

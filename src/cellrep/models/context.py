@@ -63,15 +63,21 @@ def pooled_features(
     images: torch.Tensor,
     context: CellTypeContext | None = None,
     cell_type_ids: torch.Tensor | None = None,
+    channel_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The backbone's pre-logit features (B×D), conditioned on the cell types' context when given.
+
+    ``channel_ids`` (CA-ViT only): the channel slots of the images' channels (a sampled subset).
 
     For FiLM the returned features are the unconditioned encoder output; apply
     :meth:`CellTypeContext.film` before the classifier (see :func:`classify`).
     """
     if context is None or context.mode == "film":
-        return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
-    x = vit_tokens(backbone, images)
+        tokens = (
+            backbone.forward_features(images) if channel_ids is None else backbone.forward_features(images, channel_ids)
+        )
+        return backbone.forward_head(tokens, pre_logits=True)
+    x = vit_tokens(backbone, images, channel_ids)
     n = backbone.num_prefix_tokens
     token = context(cell_type_ids).to(x.dtype)[:, None]
     x = torch.cat([x[:, :n], token, x[:, n:]], dim=1)

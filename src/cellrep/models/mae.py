@@ -79,11 +79,14 @@ class MAEDecoder(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def positions(self, grid: tuple[int, int], channels: int, device, dtype) -> torch.Tensor:
+    def positions(
+        self, grid: tuple[int, int], channels: int, device, dtype, channel_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         pos = sincos_pos_embed(grid, self.dim, device=device, dtype=dtype)
         if self.channel_embed is None:
             return pos
-        chan = self.channel_embed[:channels].to(dtype)
+        slots = channel_ids.to(device) if channel_ids is not None else torch.arange(channels, device=device)
+        chan = self.channel_embed[slots].to(dtype)
         return (pos[None] + chan[:, None]).reshape(channels * pos.shape[0], self.dim)
 
     def forward(
@@ -93,13 +96,14 @@ class MAEDecoder(nn.Module):
         grid: tuple[int, int],
         channels: int,
         grad_checkpointing: bool = False,
+        channel_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         x = self.embed(latent)
         prefix, visible = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
         B, L = ids_restore.shape
         tokens = torch.cat([visible, self.mask_token.to(x.dtype).expand(B, L - visible.shape[1], -1)], dim=1)
         tokens = tokens.gather(1, ids_restore[..., None].expand(-1, -1, self.dim))  # back to token order
-        tokens = tokens + self.positions(grid, channels, x.device, x.dtype)
+        tokens = tokens + self.positions(grid, channels, x.device, x.dtype, channel_ids)
         x = run_blocks(self.blocks, torch.cat([prefix, tokens], dim=1), grad_checkpointing)
         return self.pred(self.norm(x))[:, self.num_prefix_tokens :]
 
@@ -157,9 +161,19 @@ class MaskedAutoencoder(nn.Module):
         return patches.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
     # -- encoder ---------------------------------------------------------------------------------
-    def encode(self, images: torch.Tensor, mask_ratio: float, generator: Optional[torch.Generator] = None):
-        """Encode a random ``1 - mask_ratio`` of the tokens; returns (latent, ids_restore, mask)."""
-        tokens = vit_tokens(self.encoder, images, drop_patches=False)  # the masking below is MAE's patch dropout
+    def encode(
+        self,
+        images: torch.Tensor,
+        mask_ratio: float,
+        generator: Optional[torch.Generator] = None,
+        channel_ids: Optional[torch.Tensor] = None,
+    ):
+        """Encode a random ``1 - mask_ratio`` of the tokens; returns (latent, ids_restore, mask).
+
+        ``channel_ids`` (CA-ViT): the channel slots of the input's channels (a sampled subset)."""
+        tokens = vit_tokens(
+            self.encoder, images, channel_ids, drop_patches=False
+        )  # the masking below is MAE's patch dropout
         prefix, patches = tokens[:, : self.num_prefix_tokens], tokens[:, self.num_prefix_tokens :]
         B, L, D = patches.shape
         keep = max(1, int(round(L * (1 - mask_ratio))))
@@ -171,10 +185,15 @@ class MaskedAutoencoder(nn.Module):
         return self.encoder.norm(x), ids_restore, mask.gather(1, ids_restore)
 
     def forward(
-        self, images: torch.Tensor, mask_ratio: float = 0.75, generator: Optional[torch.Generator] = None
+        self,
+        images: torch.Tensor,
+        mask_ratio: float = 0.75,
+        generator: Optional[torch.Generator] = None,
+        channel_ids: Optional[torch.Tensor] = None,
     ) -> MAEOutput:
-        latent, ids_restore, mask = self.encode(images, mask_ratio, generator)
+        latent, ids_restore, mask = self.encode(images, mask_ratio, generator, channel_ids)
         _, C, H, W = images.shape
         grid = (H // self.patch_size, W // self.patch_size)
-        pred = self.decoder(latent, ids_restore, grid, C if self.channel_agnostic else 1, self.grad_checkpointing)
+        chans = C if self.channel_agnostic else 1
+        pred = self.decoder(latent, ids_restore, grid, chans, self.grad_checkpointing, channel_ids)
         return MAEOutput(pred=pred, mask=mask, latent=latent)

@@ -10,7 +10,8 @@ and no strided copies on the CPU); :meth:`CellDataModule.finish_batch` flips/rot
 the batch on the device, vectorized. Lightning runs it in ``on_after_batch_transfer``; anything that
 iterates the loaders itself calls it (or the loader's ``finish_batch``, the same function). Without
 CUDA (``augment_on_device`` false) the workers flip and rotate, and training batches carry no
-``flip_rot``.
+``flip_rot``. With ``channel_sampling`` finished training batches keep a random channel subset and
+carry ``"channel_ids"`` (int64 k; :class:`~cellrep.data.loading.transforms.BatchFinisher`).
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ class CellDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         pin_memory: bool | None = None,
         augment_on_device: bool | None = None,
+        channel_sampling: bool = False,
     ):
         super().__init__()
+        # training batches see one random channel subset each (BatchFinisher; channel-agnostic models only)
+        self.channel_sampling = bool(channel_sampling)
         self.shards_dir, self.split = Path(shards_dir), dict(split)
         self.batch_size, self.num_workers, self.crop_size = int(batch_size), int(num_workers), int(crop_size)
         self.normalization, self.label_column = str(normalization), str(label_column)
@@ -87,6 +91,7 @@ class CellDataModule(L.LightningDataModule):
             "expected_channels": len(channels) if channels else None,
             "max_corrupt": data.max_corrupt,
             "augment_on_device": data.get("augment_on_device"),
+            "channel_sampling": bool(data.get("channel_sampling", False)),
         }
         split = split if isinstance(split, dict) else OmegaConf.to_container(split, resolve=True)
         return cls(shards_dir, split=split, seed=seed, **{**settings, **loader})
@@ -179,7 +184,13 @@ class CellDataModule(L.LightningDataModule):
             self._plate_idx = np.array([pos[k] for k in keys], dtype=np.int64)
         self._stats_mean = torch.tensor([s["mean"] for s in stats], dtype=torch.float32).view(-1, c)
         self._stats_std = torch.tensor([s["std"] for s in stats], dtype=torch.float32).view(-1, c)
-        self._finisher = BatchFinisher(self.normalization, self._stats_mean, self._stats_std)
+        self._finisher = BatchFinisher(self.normalization, self._stats_mean, self._stats_std, seed=self.seed)
+        self._train_finisher = self._finisher.with_channels(channel_sampling=self.channel_sampling)
+
+    def set_eval_channels(self, keep: list[int] | None = None, zero: list[int] | None = None) -> None:
+        """Evaluation batches (loaders made from now on) keep only ``keep`` channels or have ``zero``
+        channels zeroed after normalization (cellrep.eval.channels); ``None``/``None``: all channels."""
+        self._finisher = self._finisher.with_channels(keep=keep, zero=zero)
 
     def finish_batch(self, batch: dict) -> dict:
         """A loader batch (uint8 ``image``, on any device) → the same batch with a float32 normalized image
@@ -193,6 +204,9 @@ class CellDataModule(L.LightningDataModule):
         return self._finisher(batch)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:  # only training batches sample channels
+            return self._train_finisher(batch)
         return self.finish_batch(batch)
 
     def _dist(self) -> tuple[int, int]:
@@ -206,7 +220,7 @@ class CellDataModule(L.LightningDataModule):
     def train_dataloader(self) -> TrainLoader:
         rank, world = self._dist()
         stream = TrainStream(self, self._stage_rows["train"], rank, world)
-        return TrainLoader(stream, self.num_workers, self.persistent_workers, self.pin_memory, self._finisher)
+        return TrainLoader(stream, self.num_workers, self.persistent_workers, self.pin_memory, self._train_finisher)
 
     def eval_dataloader(self, stage: str = "test", rows: np.ndarray | None = None) -> EvalLoader:
         """Exact loader over ``stage`` ("train", "val", "test" or "all"), center crops, no augmentation;

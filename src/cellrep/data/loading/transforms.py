@@ -151,6 +151,26 @@ def flip_rot90_batch(image: torch.Tensor, flip_rot: torch.Tensor) -> torch.Tenso
     return torch.where(k == 3, torch.rot90(x, 3, dims=(-2, -1)), out)
 
 
+def draw_channel_subset(num_channels: int, generator: torch.Generator) -> torch.Tensor:
+    """Hierarchical channel sampling (ChannelViT, Bao et al. 2024): a subset size k uniform in 1..C, then
+    k distinct channels uniformly; sorted int64 indices. Uniform k (not a fair coin per channel, whose
+    sizes pile up near C/2) shows the model single channels and near-full sets equally often."""
+    k = int(torch.randint(1, num_channels + 1, (1,), generator=generator))
+    return torch.randperm(num_channels, generator=generator)[:k].sort().values
+
+
+def batch_generator(seed: int, index: torch.Tensor) -> torch.Generator:
+    """A generator seeded by ``seed`` and the batch's sample rows: the same batch draws the same subset
+    however it is reached (a resumed run replays its batches, so it replays their subsets too), with
+    no state to save."""
+    rows = index.detach().cpu().to(torch.int64)
+    # a polynomial hash of the rows, mod 2^61 - 1 (exact in int64 steps of 2^31 × 2^30)
+    h = int(seed) % (2**61 - 1)
+    for r in rows.tolist():
+        h = (h * 1_000_003 + r + 1) % (2**61 - 1)
+    return torch.Generator().manual_seed(h)
+
+
 class BatchFinisher:
     """Finishes a loader batch: uint8 ``image`` → flipped/rotated (training batches carry ``flip_rot``,
     see :func:`flip_rot90_batch`) and float32 normalized, on whatever device it is on.
@@ -161,12 +181,42 @@ class BatchFinisher:
     write or ship float pixels (4× the bytes). Values equal per-sample :func:`normalize` with that
     sample's statistics. A batch whose image is already floating point is returned as is, so
     finishing twice is harmless.
+
+    Channels, after normalization (so every channel keeps its own statistics):
+
+    * ``channel_sampling`` (training, channel-agnostic models): ONE random channel subset per batch
+      (:func:`draw_channel_subset`, seeded by ``seed`` and the batch's rows): the image keeps only those
+      channels and the batch gains ``channel_ids`` (int64 k, indices into the data's channels). One subset
+      per batch, not per sample: samples of different channel counts cannot share a B×C×H×W tensor, and
+      per-sample subsets would need padded tokens and an attention mask in every block.
+    * ``keep`` (evaluation of a channel-agnostic model on a channel subset): only these channels remain.
+    * ``zero`` (evaluation of a fixed-channel model): these channels are set to 0, the normalized mean.
     """
 
-    def __init__(self, mode: str, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(
+        self,
+        mode: str,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        channel_sampling: bool = False,
+        seed: int = 0,
+        keep: Sequence[int] | None = None,
+        zero: Sequence[int] | None = None,
+    ):
         check_normalization(mode)
         self.mode, self.mean, self.std = mode, mean.float(), std.float()
+        self.channel_sampling, self.seed = bool(channel_sampling), int(seed)
+        self.keep = None if keep is None else [int(c) for c in keep]
+        self.zero = [int(c) for c in zero or ()]
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def with_channels(
+        self, channel_sampling: bool = False, keep: Sequence[int] | None = None, zero: Sequence[int] | None = None
+    ) -> "BatchFinisher":
+        """The same normalization with other channel settings (statistics shared)."""
+        out = BatchFinisher(self.mode, self.mean, self.std, channel_sampling, self.seed, keep, zero)
+        out._on = self._on
+        return out
 
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on:  # a few hundred floats, copied once per device
@@ -190,4 +240,15 @@ class BatchFinisher:
         if "flip_rot" in batch:
             image = flip_rot90_batch(image, batch["flip_rot"])
         done = {k: v for k, v in batch.items() if k != "flip_rot"}
-        return {**done, "image": normalize(image, self.mode, stats)}
+        return self._channels({**done, "image": normalize(image, self.mode, stats)})
+
+    def _channels(self, batch: dict) -> dict:
+        image = batch["image"]
+        if self.zero:
+            image[:, self.zero] = 0.0
+        if self.keep is not None:
+            image = image[:, self.keep]
+        if self.channel_sampling:
+            ids = draw_channel_subset(image.shape[1], batch_generator(self.seed, batch["index"]))
+            return {**batch, "image": image[:, ids.tolist()], "channel_ids": ids.to(image.device)}
+        return {**batch, "image": image}

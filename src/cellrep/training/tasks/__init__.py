@@ -17,7 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cellrep.knowledge.inputs import context_inputs, graph_inputs
-from cellrep.models.checkpoint import load_encoder
+from cellrep.models.pretrained import init_backbone
+from cellrep.training.tasks.dino import DINOTask
 from cellrep.training.tasks.mae import MAETask
 from cellrep.training.tasks.supervised import SupervisedTask
 
@@ -43,6 +44,7 @@ def _mae_inputs(cfg: DictConfig, dm) -> dict[str, Any]:
 TASKS: dict[str, tuple[type[L.LightningModule], Callable[[DictConfig, Any], dict[str, Any]]]] = {
     "supervised": (SupervisedTask, _supervised_inputs),
     "mae": (MAETask, _mae_inputs),
+    "dino": (DINOTask, _mae_inputs),  # no context either
 }
 
 
@@ -65,7 +67,9 @@ def build_task(cfg: DictConfig, dm) -> L.LightningModule:
         **data_inputs(cfg, dm),
     )
     task.graph_report = graph_report
-    if cfg.task.get("init_from"):
-        fresh = load_encoder(task.backbone, cfg.task.init_from)
+    if cfg.task.get("init_from"):  # a cellrep checkpoint or a published encoder (docs/encoders.md)
+        fresh = init_backbone(
+            task.backbone, cfg.task.init_from, cfg.model.name, dm.in_chans, cfg.task.get("init_channels")
+        )
         log.info("backbone from %s (left at initialization: %s)", cfg.task.init_from, ", ".join(fresh) or "nothing")
     return task

@@ -20,7 +20,7 @@ from cellrep.training.callbacks.reconstructions import ReconstructionImages
 from cellrep.training.optim import configure_optimizers
 from cellrep.training.strategy import shard_blocks
 from cellrep.training.tasks.mae_loss import mae_loss
-from cellrep.training.tasks.supervised import NonFiniteLossError
+from cellrep.training.tasks.supervised import NonFiniteLossError, record_channel_names
 
 
 class MAETask(L.LightningModule):
@@ -68,11 +68,16 @@ class MAETask(L.LightningModule):
                 block.compile()
 
     def forward(
-        self, images: torch.Tensor, generator: Optional[torch.Generator] = None, labels: Optional[torch.Tensor] = None
+        self,
+        images: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        labels: Optional[torch.Tensor] = None,
+        channel_ids: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
         """MAE losses; with ``labels`` and a ``graph_loss``, also the graph loss on the pooled encoder
-        features (mean of the visible patch tokens), added to ``loss`` with ``graph_weight``."""
-        out = self.mae(images, self.hparams.mask_ratio, generator)
+        features (mean of the visible patch tokens), added to ``loss`` with ``graph_weight``.
+        ``channel_ids``: the channel slots of a channel-sampled batch (data.channel_sampling, CA-ViT)."""
+        out = self.mae(images, self.hparams.mask_ratio, generator, channel_ids)
         losses = mae_loss(
             out.pred,
             self.mae.patchify(images),
@@ -108,7 +113,7 @@ class MAETask(L.LightningModule):
             )
 
     def training_step(self, batch, batch_idx):
-        losses = self(batch["image"], labels=batch.get("label"))
+        losses = self(batch["image"], labels=batch.get("label"), channel_ids=batch.get("channel_ids"))
         if not torch.isfinite(losses["loss"]):
             raise NonFiniteLossError(
                 f"MAE loss became {losses['loss'].item()} at step {self.global_step} "
@@ -157,6 +162,9 @@ class MAETask(L.LightningModule):
     def probe_backbone(self) -> torch.nn.Module:
         """The encoder, what ``task.init_from`` hands on: ``callbacks.block_probes.BlockProbes`` probes its blocks."""
         return self.mae.encoder
+
+    def setup(self, stage: str) -> None:
+        record_channel_names(self)
 
     def configure_model(self):
         shard_blocks(self)  # trainer=fsdp only

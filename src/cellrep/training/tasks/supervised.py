@@ -22,6 +22,14 @@ class NonFiniteLossError(CellrepError):
     pass
 
 
+def record_channel_names(task: L.LightningModule) -> None:
+    """Checkpoints record the training data's channel names, so evaluation can map another screen's
+    channels onto a channel-agnostic model's channel slots by name (cellrep.eval.channels)."""
+    names = getattr(getattr(task, "_trainer", None) and task.trainer.datamodule, "channel_names", None)
+    if names:
+        task.hparams["channel_names"] = [str(n) for n in names]
+
+
 class SupervisedTask(L.LightningModule):
     """Softmax cross-entropy over perturbation classes on a timm backbone.
 
@@ -86,10 +94,13 @@ class SupervisedTask(L.LightningModule):
     def _cell_types(self, index: torch.Tensor | None) -> torch.Tensor | None:
         return None if self.context is None or index is None else self.group_of_index[index]
 
-    def features_and_logits(self, images: torch.Tensor, index: torch.Tensor | None = None):
-        """Pooled backbone features (what the graph loss sees) and class logits."""
+    def features_and_logits(
+        self, images: torch.Tensor, index: torch.Tensor | None = None, channel_ids: torch.Tensor | None = None
+    ):
+        """Pooled backbone features (what the graph loss sees) and class logits; ``channel_ids``: the
+        channel slots of a channel-sampled batch (data.channel_sampling, CA-ViT)."""
         cell_types = self._cell_types(index)
-        features = pooled_features(self.backbone, images, self.context, cell_types)
+        features = pooled_features(self.backbone, images, self.context, cell_types, channel_ids)
         return features, classify(self.backbone, features, self.context, cell_types)
 
     def forward(self, images: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,7 +112,7 @@ class SupervisedTask(L.LightningModule):
 
     def _losses(self, batch: dict[str, torch.Tensor], with_graph: bool = True):
         """(cross-entropy, logits, graph loss or None)."""
-        features, logits = self.features_and_logits(batch["image"], batch.get("index"))
+        features, logits = self.features_and_logits(batch["image"], batch.get("index"), batch.get("channel_ids"))
         loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.hparams.label_smoothing)
         extra = None
         if with_graph and self.hparams.graph_loss != "none":
@@ -159,6 +170,9 @@ class SupervisedTask(L.LightningModule):
     def probe_backbone(self) -> nn.Module:
         """The timm module whose blocks ``callbacks.block_probes.BlockProbes`` probes (every task has one)."""
         return self.backbone
+
+    def setup(self, stage: str) -> None:
+        record_channel_names(self)
 
     def configure_model(self):
         shard_blocks(self)  # trainer=fsdp only
