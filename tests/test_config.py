@@ -131,7 +131,7 @@ def test_unknown_value_names_the_allowed_ones(make_cfg, overrides, bad, allowed)
         (["data.batch_size=-4"], r"data.batch_size=-4.*\n.*fix: use data.batch_size >= 1"),
         (
             ["task=mae", "model=resnet18"],
-            r"task=mae cannot use model resnet18.*\n.*fix: MAE needs a ViT: model=vit_s16",
+            r"task=mae cannot use model resnet18.*\n.*fix: MAE and DINO need a ViT: model=vit_s16",
         ),
         (["task=mae", "model=vit_s16", "data.crop_size=40"], r"not a multiple of .* patch size 16.*\n.*multiple of 16"),
         (["data.num_workers=-1"], r"data.num_workers=-1.*\n.*fix: use data.num_workers >= 0"),

@@ -789,8 +789,8 @@ def to_schema(cfg: DictConfig) -> dict[str, Any]:
                     f"config group '{group}' is incomplete: {exc}",
                     fix=f"set the missing value on the command line, e.g. {group}.<key>=...",
                 ) from None
-    if isinstance(out.get("task"), MAETaskConfig) and "model" in out and "data" in out:
-        _check_mae_model(out["model"], out["data"])
+    if isinstance(out.get("task"), (MAETaskConfig, DINOTaskConfig)) and "model" in out and "data" in out:
+        _check_patch_model(out["task"].name, out["model"], out["data"])
     if "model" in out and "data" in out and out["data"].channel_sampling:
         name = getattr(out.get("task"), "name", "supervised")
         if name not in ("supervised", "mae"):  # the tasks that pass a batch's channel_ids to the encoder
@@ -822,11 +822,13 @@ def _check_channel_sampling(model: ModelConfig) -> None:
         )
 
 
-def _check_mae_model(model: ModelConfig, data: DataConfig) -> None:
-    """task=mae masks patch tokens: the encoder must be a patch-based ViT whose patches tile the crop.
+def _check_patch_model(task: str, model: ModelConfig, data: DataConfig) -> None:
+    """task=mae masks patch tokens and task=dino distils class and patch tokens: the encoder must be a
+    patch-based ViT whose patches tile the crop.
 
-    Otherwise the MAE fails at its first step, after the screen was generated and sharded. The encoder is
-    built on the meta device (structure only, no memory) and asked what the MAE asks it.
+    Otherwise the task fails when it is built or at its first step, after the screen was generated and
+    sharded. The encoder is built on the meta device (structure only, no memory) and asked what the
+    task asks it.
     """
     import torch
 
@@ -843,9 +845,9 @@ def _check_mae_model(model: ModelConfig, data: DataConfig) -> None:
     try:
         patch = patch_size_of(encoder)
     except CellrepError as exc:
-        raise CellrepError(f"task=mae cannot use model {model.name}: {exc.problem}", fix=exc.fix) from None
+        raise CellrepError(f"task={task} cannot use model {model.name}: {exc.problem}", fix=exc.fix) from None
     if data.crop_size % patch:
         raise CellrepError(
-            f"task=mae: data.crop_size={data.crop_size} is not a multiple of {model.name}'s patch size {patch}",
+            f"task={task}: data.crop_size={data.crop_size} is not a multiple of {model.name}'s patch size {patch}",
             fix=f"set data.crop_size to a multiple of {patch}",
         )

@@ -126,6 +126,6 @@ def patch_size_of(model: nn.Module) -> int:
     if not isinstance(size, int):
         raise CellrepError(
             f"{type(model).__name__} is not a patch-based ViT",
-            fix="MAE needs a ViT: model=vit_s16, vit_b16, vit_l16, vit_l8, vit_g8 or ca_vit_*",
+            fix="MAE and DINO need a ViT: model=vit_s16, vit_b16, vit_l16, vit_l8, vit_g8 or ca_vit_*",
         )
     return size
