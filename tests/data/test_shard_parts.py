@@ -135,7 +135,7 @@ def test_the_slurm_launcher_composes_for_cellrep_shard(tmp_path):
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    overrides = [f"paths.root_dir={tmp_path}", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null"]
+    overrides = [f"paths.root_dir={tmp_path}", "hydra/launcher=slurm"]
     with initialize_config_module(config_module="cellrep.conf", version_base="1.3"):
         cfg = compose(
             "shard", overrides=[*overrides, "data.shard_parts=4", "data.shard_part=3"], return_hydra_config=True
