@@ -22,7 +22,9 @@ QUIET = ("progress=false", "loader.num_workers=0", "plots.umap=false")  # UMAP: 
 def evaluated(checkpoint, compose_cfg, tmp_path_factory, shared_data_dir):
     """The model's final stage (block=last): the science checks should not hinge on a noisy block choice."""
     root = tmp_path_factory.mktemp("eval")
-    cfg = compose_cfg("eval", [*QUIET, f"ckpt_path={checkpoint}", "block=last", "plots.umap=true"], root, shared_data_dir)
+    cfg = compose_cfg(
+        "eval", [*QUIET, f"ckpt_path={checkpoint}", "block=last", "plots.umap=true"], root, shared_data_dir
+    )
     return evaluate(cfg), root / "run"
 
 
