@@ -104,10 +104,13 @@ def model_slots(data_names: list[str], trained: list[str] | None, in_chans: int)
 
 def match_channels(backbone, meta: dict, dm, ckpt_path, requested=None) -> ChannelPlan:
     """Map the data's channels onto the model (module docstring), apply ``requested``, keep the plan on
-    ``dm.channel_plan``. A fixed-channel model with another channel count is an error."""
+    ``dm.channel_plan``. A fixed-channel model with another channel count is an error. ``meta``: what
+    the loader of the model returned (a published encoder's ``format`` says it was built for the data)."""
     names, in_chans = list(dm.channel_names), int(meta["in_chans"])
     agnostic = bool(getattr(backbone, "channel_agnostic", False))
-    if agnostic:
+    if meta.get("format") not in (None, "cellrep"):  # a published encoder is built for the data's channels, in order
+        slots = list(range(len(names))) if agnostic else None
+    elif agnostic:
         slots = model_slots(names, checkpoint_channel_names(ckpt_path), in_chans)
     elif len(names) != in_chans:
         raise CellrepError(

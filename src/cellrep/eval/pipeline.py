@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cellrep.errors import CellrepError
-from cellrep.eval.channels import ChannelPlan, apply_channels, match_channels, resolve_channels
+from cellrep.eval.channels import match_channels
 from cellrep.eval.checkpoint import build_eval_datamodule, eval_data_config
 from cellrep.eval.embeddings import Embeddings, aggregate_wells
 from cellrep.eval.features import BlockFeatures, block_names, extract_block_features, resolve_block
@@ -68,17 +68,9 @@ def prepare(cfg: DictConfig) -> Prepared:
         backbone, meta = load_published_encoder(
             cfg.encoder, cfg.get("encoder_model"), dm.in_chans, cfg.get("encoder_channels"), int(data.crop_size)
         )
-    if meta.get("format") in (None, "cellrep"):
-        # a CA-ViT maps the data's channels by name (any subset of its training channels); a fixed-channel
-        # model needs its channel count; channels=[...]: only those (eval/channels.py)
-        match_channels(backbone, meta, dm, model_file(cfg), cfg.get("channels"))
-    else:  # built for the data's channels, in their order: channels=[...] still picks a subset
-        names = list(dm.channel_names)
-        keep = resolve_channels(cfg.channels, names) if cfg.get("channels") else list(range(len(names)))
-        agnostic = bool(getattr(backbone, "channel_agnostic", False))
-        plan = ChannelPlan(names, agnostic, list(range(len(names))) if agnostic else None, keep)
-        apply_channels(backbone, dm, plan, keep)
-        dm.channel_plan = plan
+    # a CA-ViT maps the data's channels by name (any subset of its training channels); a fixed-channel
+    # model needs its channel count; channels=[...]: only those (eval/channels.py)
+    match_channels(backbone, meta, dm, model_file(cfg), cfg.get("channels"))
     log.info("evaluating %s on %d sites (data/split from %s)", meta["model"]["name"], len(dm.index), source)
     return Prepared(backbone, dm, pick_device(cfg.device), meta["model"], source, shards.dataset_root)
 
