@@ -1,9 +1,10 @@
 """Shard encodings: bytes per sample, decode samples/s per core, and cores per GPU, in one table.
 
 The encodings ``data.encoding`` can write (``cellrep.data.shards.codecs.CODECS``: raw ``npy``, ``npy``
-+ zstandard, one PNG per site), then reference rows cellrep does not write: ``npy`` + zlib, a deflate
-TIFF, six PNGs (what RxRx1 ships) and six lossless JPEG 2000 planes (what RxRx3-core ships: the cost
-of keeping its source bytes and decoding in the loader). All are lossless, on 6×512×512 uint8 sites.
++ zstandard, one PNG per channel (what RxRx1 ships), one lossless JPEG 2000 per channel (what
+RxRx3-core ships, and what ``jp2`` keeps of it: the cost of decoding its source bytes in the loader)),
+then reference rows cellrep does not write: ``npy`` + zlib and a deflate TIFF. All are lossless, on
+6×512×512 uint8 sites.
 Decode is from memory, one process, alternating between encodings ``--repeats`` times (medians).
 "cores per GPU" is the decode cores that feed one GPU training MAE ViT-L/8 at ``--gpu-images-per-s``
 (default 569: its FLOP count at 40% MFU of an H100/H200, docs/PERFORMANCE.md; no GPU figure is
@@ -28,7 +29,6 @@ import cellrep  # noqa: F401, E402  (torchvision compat before lightning/timm)
 # isort: split
 import numpy as np  # noqa: E402
 from _common import CHANNELS, machine, median, site_image, table  # noqa: E402
-from PIL import Image  # noqa: E402
 
 
 def _npy(img):
@@ -39,28 +39,6 @@ def _npy(img):
 
 def _npy_load(data):
     return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _png(img):
-    out = []
-    for plane in img:
-        buf = io.BytesIO()
-        Image.fromarray(plane).save(buf, format="PNG", compress_level=6)
-        out.append(buf.getvalue())
-    return out
-
-
-def _jp2(img):
-    out = []
-    for plane in img:
-        buf = io.BytesIO()
-        Image.fromarray(plane).save(buf, format="JPEG2000", irreversible=False)  # reversible 5/3: lossless
-        out.append(buf.getvalue())
-    return out
-
-
-def _png_load(planes):  # PIL opens any of the per-plane formats
-    return np.stack([np.asarray(Image.open(io.BytesIO(p))) for p in planes])
 
 
 def _tiff(img):
@@ -86,7 +64,7 @@ def codecs() -> dict:
     for name, codec in CODECS.items():  # what data.encoding writes, through the loader's own functions
         try:
             codec.encode(np.zeros((2, 8, 8), np.uint8))
-        except Exception as exc:  # noqa: BLE001 — npy_zstd without zstandard
+        except Exception as exc:  # noqa: BLE001 — npy_zstd without zstandard, jp2 without OpenJPEG
             print(f"# {name} skipped: {exc}")
             continue
         c[f"data.encoding={name}"] = (codec.encode, lambda d, dec=codec.decode: dec(d, shape))
@@ -94,8 +72,6 @@ def codecs() -> dict:
         {
             "npy + zlib-1": (lambda i: zlib.compress(_npy(i), 1), lambda d: _npy_load(zlib.decompress(d))),
             "npy + zlib-6": (lambda i: zlib.compress(_npy(i), 6), lambda d: _npy_load(zlib.decompress(d))),
-            "PNG ×6 (RxRx1)": (_png, _png_load),
-            "JPEG 2000 ×6 lossless (RxRx3-core)": (_jp2, _png_load),
         }
     )
     try:
@@ -104,10 +80,6 @@ def codecs() -> dict:
     except Exception as exc:  # noqa: BLE001 — optional codec
         print(f"# TIFF deflate skipped: {exc!r}")
     return c
-
-
-def size(enc) -> int:
-    return sum(map(len, enc)) if isinstance(enc, list) else len(enc)
 
 
 def main(argv=None) -> None:
@@ -141,7 +113,7 @@ def main(argv=None) -> None:
     base = median(rates["data.encoding=npy"])
     rows = []
     for name in enc:
-        b, r = median([size(x) for x in enc[name]]), median(rates[name])
+        b, r = median([len(x) for x in enc[name]]), median(rates[name])
         # npy is never decoded by the loader (a view of the mapped shard): its per-core cost is the loader's
         per_core = a.npy_loader_per_core if name == "data.encoding=npy" else r
         rows.append(

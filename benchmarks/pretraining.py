@@ -40,7 +40,7 @@ RECIPE = [
 ]
 METHODS: dict[str, list[str]] = {
     # one step at learning rate 0: a checkpoint of the initialization, through the same code path
-    "random": ["task=mae", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "task.optimizer.base_lr=0"],
+    "random": ["task=mae", "trainer.max_epochs=1", "trainer.max_steps=1", "task.optimizer.base_lr=0"],
     "supervised": ["task=supervised"],
     "mae": ["task=mae", "task.decoder_dim=128", "task.decoder_depth=2", "task.decoder_heads=4"],
     "dino": ["task=dino"],

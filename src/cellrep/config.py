@@ -60,6 +60,12 @@ class SyntheticScreenConfig:
     gene_groups: int = 4  # each plate holds one of these disjoint gene groups (RxRx1-style plate groups)
     rotate_groups: bool = True  # groups move one plate per experiment: genes miss some experiments
     slot_drift: float = 2.0  # plate-slot morphology shift of plates >= 2 (debug=tiny: 6.0)
+    cell_type_modulation: float = 0.0  # per-cell-type gain + rotation of every phenotype, in [0, 2]; 0: off
+
+    def __post_init__(self) -> None:
+        from cellrep.data.sources.synthetic_modulation import check_strength
+
+        check_strength(self.cell_type_modulation)
 
 
 @dataclass
@@ -114,7 +120,7 @@ class DataConfig:
     shard_part: Optional[int] = None
     shard_parts: int = 1
     shard_merge: bool = False
-    encoding: str = "npy"  # how shards store images: npy | npy_zstd | png (cellrep.data.shards.codecs)
+    encoding: str = "npy"  # how shards store images: npy | npy_zstd | png | jp2 (cellrep.data.shards.codecs)
     normalization: str = "plate_controls"  # one of cellrep.data.loading.transforms.NORMALIZATIONS
     crop_size: int = 48
     batch_size: int = 64  # per device
@@ -417,10 +423,12 @@ class TrainerConfig:
     max_steps: int = -1
     min_epochs: Optional[int] = None
     max_time: Optional[str] = None
-    limit_train_batches: Optional[float] = None
-    limit_val_batches: Optional[float] = None
-    limit_test_batches: Optional[float] = None
-    val_check_interval: Optional[float] = None
+    # Lightning reads an int as a count of batches and a float as a fraction: Any keeps what was written
+    # (a float field turned limit_train_batches=1 into 1.0, i.e. every batch)
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    val_check_interval: Any = None
     check_val_every_n_epoch: int = 1
     num_sanity_val_steps: int = 0
     log_every_n_steps: int = 10

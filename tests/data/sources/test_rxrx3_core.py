@@ -12,9 +12,13 @@ import json
 import pickle
 import tarfile
 
+import lightning as L
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
+import torch
+from PIL import Image
 from real_formats.rxrx3_core import (
     RAPA,
     SIZE,
@@ -26,6 +30,7 @@ from real_formats.rxrx3_core import (
     write_rxrx3_core,
 )
 
+from cellrep.data.loading.datamodule import CellDataModule
 from cellrep.data.schema import CANONICAL_COLUMNS
 from cellrep.data.shards.writer import load_manifest, read_index, write_shards
 from cellrep.data.sources.base import ImageSource
@@ -153,11 +158,100 @@ def test_channel_count_and_missing_files_are_reported(tmp_path, rxrx3_root):
         RxRx3CoreSource(rxrx3_root)
 
 
-def test_shard_command_config_reads_rxrx3_core(make_cfg, tmp_path, rxrx3_root):
+@pytest.mark.parametrize("encoding", ["npy", "jp2"])
+def test_shard_command_config_reads_rxrx3_core(make_cfg, tmp_path, rxrx3_root, encoding):
     from cellrep.data.shards.prepare import ensure_shards
 
     cfg = make_cfg(
-        "data=rxrx3_core", f"data.root={rxrx3_root}", f"data.shards_dir={tmp_path}/shards", config_name="shard"
+        "data=rxrx3_core",
+        f"data.root={rxrx3_root}",
+        f"data.shards_dir={tmp_path}/shards",
+        f"data.encoding={encoding}",
+        config_name="shard",
     )
     manifest = load_manifest(ensure_shards(cfg.data, progress=False).shards_dir)
     assert manifest["dataset"] == "rxrx3_core" and manifest["num_samples"] == len(WELLS)
+    assert manifest["encoding"] == encoding and manifest.get("source_files_kept", len(WELLS)) == len(WELLS)
+
+
+class _MeanPixelNet(L.LightningModule):
+    """The smallest real model: a linear head on each channel's mean."""
+
+    def __init__(self, in_chans: int, num_classes: int):
+        super().__init__()
+        self.head = torch.nn.Linear(in_chans, num_classes)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.head(batch["image"].mean((2, 3))), batch["label"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _parquet_files(root) -> dict[str, bytes]:
+    """``__key__`` → ``jp2`` bytes, read straight from the parquet (not through the reader)."""
+    out = {}
+    for path in sorted((root / "data").glob("*.parquet")):
+        table = pq.read_table(path).to_pylist()
+        out |= {r["__key__"]: r["jp2"]["bytes"] if isinstance(r["jp2"], dict) else r["jp2"] for r in table}
+    return out
+
+
+def _codestream(array: np.ndarray) -> bytes:
+    """A lossless JPEG 2000 unlike the one cellrep writes (a bare codestream, 2 resolutions): a
+    re-encoded site cannot pass for a kept one."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG2000", no_jp2=True, num_resolutions=2)
+    return buf.getvalue()
+
+
+def test_jp2_shards_keep_the_source_files_byte_for_byte_and_train(tmp_path):
+    own = {
+        well_key(e, p, a, c): _codestream(pixels(well_key(e, p, a, c))) for e, p, a, *_ in WELLS for c in range(1, 7)
+    }
+    bad = well_key("gene-001", 2, "AA02", 5)
+    own[bad] = own[bad][: len(own[bad]) // 3]  # a truncated file: the site is skipped, not kept
+    root = write_rxrx3_core(tmp_path / "src", files=2, row_group_size=4, extra_keys=own)
+    source = RxRx3CoreSource(root)
+    kw = dict(samples_per_shard=3, progress=False, max_bad_fraction=0.5)
+    manifest = write_shards(source, tmp_path / "jp2", encoding="jp2", **kw)
+    assert manifest["encoding"] == "jp2" and manifest["num_samples"] == len(WELLS) - 1  # the corrupt file: skipped
+    assert manifest["source_files_kept"] == manifest["num_samples"]  # every written site holds its own files
+    files, index = _parquet_files(root), read_index(tmp_path / "jp2")
+    assert "gene-001_2_AA02_1" not in set(index["site_id"])
+    for row in index.itertuples():
+        with tarfile.open(tmp_path / "jp2" / row.shard) as tar:
+            member = tar.extractfile(f"{row.key}.jp2s").read()
+        sizes = np.frombuffer(member, "<u4", 7, 4)[1:].tolist()
+        start, stored = 4 + 4 * 7, []
+        for size in sizes:
+            stored.append(member[start : start + size])
+            start += size
+        assert start == len(member)
+        assert stored == [files[well_key(row.experiment, row.plate, row.well, c)] for c in range(1, 7)]
+        assert stored != [jp2(pixels(well_key(row.experiment, row.plate, row.well, c))) for c in range(1, 7)]
+
+    npy = write_shards(source, tmp_path / "npy", **kw)
+    assert npy["plate_stats"] == manifest["plate_stats"]  # statistics of the same pixels
+
+    split = {"name": "random", "test_fraction": 0.3, "val_fraction": 0.0, "holdout": None, "shots": 0, "seed": 0}
+
+    def datamodule(shards, workers=0):
+        return CellDataModule(shards, split=split, batch_size=4, num_workers=workers, crop_size=8, seed=1)
+
+    ev, ev_npy = (list(datamodule(d).eval_dataloader("all")) for d in (tmp_path / "jp2", tmp_path / "npy"))
+    assert len(ev) == len(ev_npy) and all(torch.equal(a["image"], b["image"]) for a, b in zip(ev, ev_npy))
+    dm = datamodule(tmp_path / "jp2", workers=1)  # decoded in a loader worker process
+    tr, tr_npy = next(iter(dm.train_dataloader())), next(iter(datamodule(tmp_path / "npy").train_dataloader()))
+    assert torch.equal(tr["image"], tr_npy["image"])
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(_MeanPixelNet(dm.in_chans, dm.num_classes), datamodule=dm)
+    assert trainer.global_step == 2

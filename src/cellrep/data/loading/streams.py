@@ -84,6 +84,11 @@ def _decode(data, shape: tuple, header: bytes, encoding: str = "npy") -> np.ndar
     return arr
 
 
+def _named(exn: Exception, shard: str, key: str) -> ValueError:
+    """A sample that did not decode, named by its shard and key (what the warning and the error show)."""
+    return ValueError(f"{os.path.basename(shard)}, sample {key}: {type(exn).__name__}: {exn}")
+
+
 def _map(path: str) -> mmap.mmap:
     """A read-only mapping of a shard: samples are sliced out of the page cache with no read() copy.
 
@@ -103,12 +108,13 @@ def _member_bytes(mapped: mmap.mmap, name: str, offset: int, size: int) -> memor
     return memoryview(mapped)[offset : offset + size]
 
 
-def _shard_samples(shards, handler, shape: tuple, header: bytes, encoding: str = "npy"):
+def _shard_samples(shards, handler, shape: tuple, header: bytes, encoding: str = "npy", keys=None):
     """``(row, C×H×W uint8 view)`` for each ``(path, rows, offsets, sizes)`` of ``shards`` (rows in tar
     order, with their ``.npy`` byte ranges from the index), sliced from a mapping of the shard.
 
     Errors go to ``handler`` (a :class:`SkipCounter`): an unreadable or truncated shard is counted once and
-    abandoned at that point, as a tar reader would; a member whose bytes are garbled is counted and skipped.
+    abandoned at that point, as a tar reader would; a member whose bytes are garbled is counted and skipped
+    (named by ``keys[row]``, the index's ``key`` column, when given).
     Replaces reading the tar member by member (webdataset's stream mode, then ``tarfile``): the index
     already holds every member's offset, and a view costs no copy (docs/PERFORMANCE.md).
     """
@@ -127,7 +133,7 @@ def _shard_samples(shards, handler, shape: tuple, header: bytes, encoding: str =
             try:
                 yield row, _decode(data, shape, header, encoding)
             except Exception as exn:  # noqa: BLE001 — a corrupt member is skipped and counted
-                handler(exn)
+                handler(_named(exn, path, keys[row] if keys is not None else f"row {row}"))
 
 
 class _Samples:
@@ -138,6 +144,7 @@ class _Samples:
         self.batch_size, self.max_corrupt = dm.batch_size, dm.max_corrupt
         self.header = _npy_header(self.shape)
         self.encoding = manifest_encoding(dm.manifest)
+        self.keys = dm.index["key"].to_numpy(object)
         self.label = dm.index["label"].to_numpy(np.int64)
         self.plate = dm._plate_idx
         self.batch_shape = (self.batch_size, self.shape[0], self.crop, self.crop)
@@ -201,7 +208,7 @@ class TrainStream(IterableDataset):
         errors = SkipCounter(self.s.max_corrupt)
         urls = (rng.choice(self.urls) for _ in iter(int, 1))  # resampled: endless
         members = ((u, *self.members[u]) for u in urls)
-        samples = _shard_samples(members, errors, self.s.shape, self.s.header, self.s.encoding)
+        samples = _shard_samples(members, errors, self.s.shape, self.s.header, self.s.encoding, self.s.keys)
         # crop before shuffling, as views: the buffer holds no pixel copies. Flips and rotations are drawn
         # here, and applied either to the whole batch on the device (BatchFinisher: the worker copies plain
         # rows) or here, as strided views copied into the batch (CPU-only training: in parallel workers)
@@ -250,7 +257,7 @@ class EvalStream(IterableDataset):
                 try:
                     img = _decode(self._read(mapped, row), self.s.shape, self.s.header, self.s.encoding)
                 except Exception as exn:  # noqa: BLE001 — skipped and counted
-                    errors(exn)
+                    errors(_named(exn, self.shard[row], self.s.keys[row]))
                     continue
                 items.append((row, center_crop(img, self.s.crop)))
             if items:

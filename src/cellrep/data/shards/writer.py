@@ -6,7 +6,9 @@ training streams the shards. Layout of a shards directory:
 - ``<experiment>-p<plate>-<nnnn>.tar`` — samples of one plate, sorted by
   site_id, so a batch split is a list of shards. Members per sample: the
   source's C×H×W uint8 array, lossless, in ``data.encoding`` (``<key>.npy`` by
-  default; :mod:`cellrep.data.shards.codecs`) and ``<key>.json``.
+  default; :mod:`cellrep.data.shards.codecs`) and ``<key>.json``. A source whose
+  channel files are already in the encoding's format (``encoded_channels``:
+  RxRx3-core's JPEG 2000 for ``jp2``) has those bytes stored as they are.
 - ``<shard>.stats.json`` — written right after its shard: exact integer pixel
   sums (so stats need no re-read on resume) and each image member's byte offset
   (so evaluation can read single samples without streaming whole shards).
@@ -52,7 +54,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from cellrep.data.schema import validate_metadata
-from cellrep.data.shards.codecs import codec
+from cellrep.data.shards.codecs import Codec, codec, manifest_encoding, pack_channels
 from cellrep.data.shards.plate_stats import add_sums, empty_sums, image_sums, manifest_stats, plate_key
 from cellrep.data.shards.problems import PROBLEMS, bad_input_counts, bad_input_summary, check_bad_input
 from cellrep.data.sources.base import UnreadableSite
@@ -148,6 +150,25 @@ def _check_image(img, site_id: str, shape: tuple | None) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
+def _stored_bytes(source, site_id: str, img: np.ndarray, image: Codec) -> tuple[bytes, bool]:
+    """The image member, and whether it is the source's own files: kept as they are when the source has
+    them in the codec's format (no decode and re-encode, docs/data.md "Shards"), else the pixels encoded.
+
+    ``load`` decoded those same files into ``img`` (whose statistics the sidecar records), so the
+    loader's decode of the kept bytes returns ``img``."""
+    files = getattr(source, "encoded_channels", None)
+    streams = files(site_id, image.keeps) if image.keeps and callable(files) else None
+    if streams is None:
+        return image.encode(img), False
+    if len(streams) != img.shape[0] or not all(isinstance(b, bytes) for b in streams):
+        raise CellrepError(
+            f"{source.name}: encoded_channels({site_id!r}, {image.keeps!r}) gave {len(streams)} items, "
+            f"the image has {img.shape[0]} channels",
+            fix="the source's encoded_channels must return one bytes object per channel, in channel_names order",
+        )
+    return pack_channels(streams), True
+
+
 def _write_shard(
     source, spec: dict, rows: list[dict], out_dir: Path, shape, fingerprint: str, bar=None, encoding: str = "npy"
 ) -> dict:
@@ -156,12 +177,13 @@ def _write_shard(
     path = out_dir / spec["name"]
     c = shape[0]
     stats = {"all": empty_sums(c), "controls": empty_sums(c)}
-    offsets, skipped = [], []
+    offsets, skipped, kept = [], [], 0
 
     with atomic_open(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for sid, row in zip(spec["site_ids"], rows):
             try:
-                img = source.load(sid)
+                img = _check_image(source.load(sid), sid, shape)
+                data, from_source = _stored_bytes(source, sid, img, image)
             except UnreadableSite as exc:  # bad input: counted and named at the end
                 skipped.append({"kind": "unreadable_image", "item": sid, "detail": exc.problem})
                 if bar is not None:
@@ -174,15 +196,15 @@ def _write_shard(
                     f"{source.name}: reading site {sid} failed: {type(exc).__name__}: {exc}",
                     fix="repair or remove that image; rerunning resumes from the finished shards",
                 ) from exc
-            img = _check_image(img, sid, shape)
+            kept += from_source
             key = shard_key(sid)
             meta = json.dumps({k: _json_value(v) for k, v in row.items()}).encode()
-            for member, data in ((f"{key}.{image.ext}", image.encode(img)), (f"{key}.json", meta)):
+            for member, payload in ((f"{key}.{image.ext}", data), (f"{key}.json", meta)):
                 info = tarfile.TarInfo(member)
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tar.addfile(info, io.BytesIO(payload))
                 if not member.endswith(".json"):  # the image's byte range; tar.offset: end of the padded data
-                    offsets.append([tar.offset - 512 * -(-len(data) // 512), len(data)])
+                    offsets.append([tar.offset - 512 * -(-len(payload) // 512), len(payload)])
             s, sq = image_sums(img)
             one = {"sites": 1, "pixels": img.shape[1] * img.shape[2], "sum": s, "sumsq": sq}
             add_sums(stats["all"], one)
@@ -194,13 +216,14 @@ def _write_shard(
     sidecar = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
-        "encoding": encoding,
+        "encoding": image.tag,
         "name": spec["name"],
         "sites_digest": _digest(spec["site_ids"]),
         "num_samples": len(offsets),
         "skipped": skipped,
         "size_bytes": path.stat().st_size,
         "offsets": offsets,
+        **({"source_files_kept": kept} if image.keeps else {}),
         **stats,
     }
     _write_json(_sidecar_path(out_dir, spec["name"]), sidecar, indent=None)
@@ -208,7 +231,7 @@ def _write_shard(
 
 
 def _enc(encoding: str) -> list[str]:
-    return [] if encoding == "npy" else [f"encoding:{encoding}"]
+    return [] if encoding == "npy" else [f"encoding:{codec(encoding).tag}"]
 
 
 def _digest(site_ids: list[str]) -> str:
@@ -225,7 +248,7 @@ def _finished_sidecar(out_dir: Path, spec: dict, fingerprint: str, encoding: str
     side = _read_json(_sidecar_path(out_dir, spec["name"]))
     if not side or not path.exists() or side.get("fingerprint") != fingerprint:
         return None
-    if side.get("encoding", "npy") != encoding:  # sidecars older than the field are npy
+    if side.get("encoding", "npy") != codec(encoding).tag:  # sidecars older than the field are npy
         return None
     if side.get("sites_digest") != _digest(spec["site_ids"]) or side.get("size_bytes") != path.stat().st_size:
         return None
@@ -280,7 +303,7 @@ def _setup(source, out_dir: Path, samples_per_shard: int, encoding: str = "npy")
         "meta": meta,
         "channel_names": [str(c) for c in source.channel_names],
         "plan": plan,
-        # another encoding is another plan (npy adds nothing: shard sets older than encodings stay up to date)
+        # another encoding or stored layout is another plan (npy adds nothing: older shard sets stay up to date)
         "plan_digest": _digest([f"{s['name']}:{_digest(s['site_ids'])}" for s in plan] + _enc(encoding)),
         "encoding": encoding,
         "problems": problems,
@@ -379,7 +402,7 @@ def _finish(source, job, sidecars, out_dir, shape, source_info, max_bad_fraction
         "fingerprint": source.fingerprint,
         "channel_names": job["channel_names"],
         "image_shape": list(shape),
-        "encoding": job["encoding"],
+        "encoding": codec(job["encoding"]).tag,
         "num_samples": len(index),
         "shards": shards,
         "plan_digest": job["plan_digest"],
@@ -387,6 +410,8 @@ def _finish(source, job, sidecars, out_dir, shape, source_info, max_bad_fraction
         "global_stats": global_stats,
         "bad_input": bad_input_counts(problems, total),
     }
+    if codec(job["encoding"]).keeps:  # how many sites hold the source's own files (the rest: re-encoded)
+        manifest["source_files_kept"] = sum(sidecars[s["name"]].get("source_files_kept", 0) for s in plan)
     if source_info is not None:
         manifest["source"] = source_info
     _write_json(out_dir / MANIFEST, manifest)
@@ -485,7 +510,7 @@ def _build_index(meta: pd.DataFrame, plan: list[dict], sidecars: dict[str, dict]
 
 
 def load_manifest(shards_dir: Path) -> dict:
-    """The manifest of a complete shards directory (CellrepError otherwise)."""
+    """The manifest of a complete shards directory in an encoding this cellrep reads (CellrepError otherwise)."""
     shards_dir = Path(shards_dir)
     manifest = _read_json(shards_dir / MANIFEST)
     if manifest is None:
@@ -500,6 +525,7 @@ def load_manifest(shards_dir: Path) -> dict:
     if missing or not (shards_dir / INDEX).exists():
         what = missing[0] if missing else INDEX
         raise CellrepError(f"{shards_dir}: {what} is missing ({len(missing)} shard(s) missing)", fix=_SHARD_FIX)
+    manifest_encoding(manifest)  # an encoding this cellrep reads (a retired layout: the fix is to re-shard)
     return manifest
 
 

@@ -21,6 +21,13 @@ class ImageSource(Protocol):
     ``fingerprint`` is a short string that changes when the source's content
     or reading rules change (used to refuse writing a different dataset over
     existing shards).
+
+    Optional: ``encoded_channels(site_id, fmt) -> list[bytes] | None``, the site's channel files
+    exactly as the dataset stores them (channel_names order) when they are in format ``fmt``
+    (``"jp2"``, ``"png"``: :attr:`cellrep.data.shards.codecs.Codec.keeps`), else ``None``. The shard
+    writer then stores those bytes instead of re-encoding ``load``'s pixels, so each must decode to
+    exactly that channel of ``load``'s array: 8-bit grayscale, no conversion in between (RxRx3-core's
+    JPEG 2000: ``cellrep.data.sources.rxrx3_core``).
     """
 
     name: str

@@ -13,6 +13,8 @@ that do not parse, wells missing a channel row, images without a metadata row an
 metadata rows without images — is left out of ``metadata`` and listed in
 ``problems`` for the shard writer's summary; a jp2 that does not decode raises
 :class:`~cellrep.data.sources.base.UnreadableSite` (the site is skipped and counted).
+``encoded_channels`` hands the jp2 bytes themselves to the writer, which stores them as they are
+under ``data.encoding=jp2`` (docs/data.md, "Shards").
 
 Metadata mapping (docs/data.md): CRISPR wells are their gene (a ``_guide_N`` suffix
 is stripped: guides of one gene are one perturbation); compounds are their
@@ -287,19 +289,29 @@ class RxRx3CoreSource:
             self._cache.popitem(last=False)
         return values
 
-    def load(self, site_id: str) -> np.ndarray:
-        """The site's ``C×H×W`` uint8 image, channels in ``channel_names`` order."""
+    def _jp2_files(self, site_id: str) -> list[tuple[bytes, str]]:
+        """Each channel's jp2 bytes as stored in the parquet, with where they are (for messages)."""
         try:
             locs = self._locs[self._rows[site_id]]
         except KeyError:
             raise CellrepError(
                 f"site '{site_id}' is not in RxRx3-core at {self.root}", fix="use a site_id listed in the metadata"
             ) from None
-        planes = []
+        files = []
         for c, (f_idx, rg, row) in enumerate(locs.tolist(), start=1):
             value = self._row_group(f_idx, rg)[row]
             data = value.get("bytes") if isinstance(value, dict) else value
-            where = f"{self.files[f_idx].name} row group {rg} row {row} (site {site_id}, channel {c})"
+            files.append((data, f"{self.files[f_idx].name} row group {rg} row {row} (site {site_id}, channel {c})"))
+        return files
+
+    def encoded_channels(self, site_id: str, fmt: str) -> list[bytes] | None:
+        """The site's jp2 files as they are (``fmt="jp2"``; else ``None``): what ``load`` decodes."""
+        return [data for data, _ in self._jp2_files(site_id)] if fmt == "jp2" else None
+
+    def load(self, site_id: str) -> np.ndarray:
+        """The site's ``C×H×W`` uint8 image, channels in ``channel_names`` order."""
+        planes = []
+        for data, where in self._jp2_files(site_id):
             try:
                 with Image.open(io.BytesIO(data)) as image:
                     mode, plane = image.mode, np.asarray(image)

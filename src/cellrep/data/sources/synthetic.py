@@ -15,6 +15,9 @@ real data, and every benchmark has a planted answer:
   a drift of their cells' size, density and texture, a batch × perturbation
   interaction; cell types shift the base morphology → batch splits are harder
   than random ones;
+* with ``cell_type_modulation`` > 0, each cell type also scales and rotates every
+  perturbation's phenotype by its own transform (:mod:`synthetic_modulation`): a
+  held-out cell type shows genes in a new way, while module mates stay alike in each;
 * the default layout is RxRx3-core-like: several plates per experiment, each
   holding one of several disjoint gene groups that rotate from experiment to
   experiment (so genes miss some experiments and change plate slot), 16
@@ -46,6 +49,7 @@ import cellrep
 from cellrep.annotations import load_pairs, resolve_annotation_path
 from cellrep.data.schema import NEGATIVE_CONTROL, RXRX1_CHANNELS, make_site_id
 from cellrep.data.sources import synthetic_cells as cells
+from cellrep.data.sources import synthetic_modulation as modulation
 from cellrep.data.sources import synthetic_modules as planted
 from cellrep.data.sources.synthetic_cells import (
     GLOBAL_PARAMS,
@@ -117,12 +121,15 @@ class SyntheticScreenSpec:
     gene_groups: int = 4  # ≥2: each plate holds one of these disjoint gene/compound groups (RxRx1 plate groups)
     rotate_groups: bool = True  # plate p of the k-th experiment of a cell type holds group (p-1+k) mod gene_groups
     slot_drift: float = 2.0  # length of the plate-slot morphology shift of plates ≥ 2 (per batch_effect_strength)
+    cell_type_modulation: float = 0.0  # per-cell-type gain and rotation of phenotypes (synthetic_modulation); 0: off
 
     def __post_init__(self) -> None:
         # Hydra/YAML hand over lists; tuples keep the spec hashable and its hash stable.
         self.cell_types = tuple(str(c) for c in self.cell_types)
         self.channel_names = tuple(str(c) for c in self.channel_names)
         self.concentrations = tuple(float(c) for c in self.concentrations)
+        self.cell_type_modulation = float(self.cell_type_modulation)  # 1 and 1.0 must hash alike
+        modulation.check_strength(self.cell_type_modulation)
         positive = (
             "experiments_per_cell_type",
             "plates_per_experiment",
@@ -242,10 +249,17 @@ def spec_fingerprint(spec: SyntheticScreenSpec) -> str:
     """Short hash of the spec, the format version, the code constants and the annotation file's content.
 
     Bump FORMAT_VERSION whenever drawing or layout code changes what a spec produces.
+    ``cell_type_modulation`` and its constant enter only when it is on: at 0 the screen is the one from
+    before the setting existed, and so is its fingerprint (existing caches stay valid).
     """
     annotation = hashlib.sha256(resolve_annotation_path(spec.annotation_source).read_bytes()).hexdigest()
+    fields, constants = asdict(spec), _generator_constants()
+    if spec.cell_type_modulation == 0:
+        del fields["cell_type_modulation"]
+    else:
+        constants["modulation_gain_spread"] = modulation.GAIN_SPREAD
     payload = json.dumps(
-        {"spec": asdict(spec), "format": FORMAT_VERSION, "constants": _generator_constants(), "annotation": annotation},
+        {"spec": fields, "format": FORMAT_VERSION, "constants": constants, "annotation": annotation},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -411,8 +425,24 @@ def experiment_morphology(spec: SyntheticScreenSpec, experiment: str, num_params
     return shift
 
 
-def _site_morphology(spec: SyntheticScreenSpec, biology: planted.Biology, row, num_params: int) -> np.ndarray:
-    """z of one site = cell type base + perturbation + batch drift and interaction + well/site noise."""
+def cell_type_transforms(spec: SyntheticScreenSpec) -> dict[str, np.ndarray | None]:
+    """Per cell type, the transform of its perturbation effects (``synthetic_modulation``; None when off)."""
+    mask = morphology_mask(len(spec.channel_names))
+    return {
+        c: modulation.cell_type_transform(spec.cell_type_modulation, mask, _rng(spec.seed, "cell_type_modulation", c))
+        for c in spec.cell_types
+    }
+
+
+def _site_morphology(
+    spec: SyntheticScreenSpec,
+    biology: planted.Biology,
+    row,
+    num_params: int,
+    transforms: dict[str, np.ndarray | None],
+) -> np.ndarray:
+    """z of one site = cell type base + perturbation (through its cell type's transform, from
+    :func:`cell_type_transforms`) + batch drift and interaction + well/site noise."""
 
     def normal(*keys: object) -> np.ndarray:
         return _rng(spec.seed, *keys).standard_normal(num_params)
@@ -425,7 +455,10 @@ def _site_morphology(spec: SyntheticScreenSpec, biology: planted.Biology, row, n
     # into the channel intensities, which stay cell type and batch (synthetic_cells.morphology_mask).
     mask = morphology_mask(len(spec.channel_names))
     z = cell_type_base(spec.seed, row.cell_type, num_params)
-    z += mask * (distortion @ biology.shift(row.sirna, row.concentration))
+    effect = biology.shift(row.sirna, row.concentration)
+    if transforms[row.cell_type] is not None:  # None: the unmodulated screen, its effects untouched
+        effect = transforms[row.cell_type] @ effect
+    z += mask * (distortion @ effect)
     z += strength * BATCH_DRIFT * normal("drift", row.experiment)
     z += strength * PLATE_DRIFT * normal("drift", row.experiment, row.plate)
     z += strength * slot_shift(spec, row.plate, num_params)
@@ -461,6 +494,7 @@ def generate_screen(spec: SyntheticScreenSpec, out_dir: Path, progress: bool = T
         spec, pairs, num_parameters(num_channels), _rng(spec.seed, "biology"), phenotype_weights(num_channels)
     )
     table = _layout(spec, biology)
+    transforms = cell_type_transforms(spec)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         acquisitions = {
@@ -472,7 +506,7 @@ def generate_screen(spec: SyntheticScreenSpec, out_dir: Path, progress: bool = T
             plate_dir = tmp / "images" / experiment / f"Plate{plate}"
             plate_dir.mkdir(parents=True)
             for row in sites.itertuples(index=False):
-                z = _site_morphology(spec, biology, row, num_parameters(num_channels))
+                z = _site_morphology(spec, biology, row, num_parameters(num_channels), transforms)
                 rng = _rng(spec.seed, "pixels", row.site_id)
                 image = render_site(z, num_channels, size, acquisitions[experiment], rng)
                 for c in range(num_channels):
