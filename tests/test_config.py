@@ -28,7 +28,7 @@ SCHEMAS = {
     "data": (config.DataConfig,),
     "split": (config.SplitConfig,),
     "model": (config.ModelConfig,),
-    "task": (config.TaskConfig, config.MAETaskConfig, config.DINOTaskConfig),
+    "task": (config.TaskConfig, config.MAETaskConfig, config.DINOTaskConfig, config.SimCLRTaskConfig),
     "trainer": (config.TrainerConfig,),
     "paths": (config.PathsConfig,),
 }

@@ -394,6 +394,41 @@ class DINOTaskConfig(GraphPriorConfig):
                 )
 
 
+@dataclass
+class SimCLRTaskConfig(GraphPriorConfig):
+    """SimCLR contrastive pretraining (task=simclr); see cellrep.training.tasks.simclr. SimCLR's own value
+    (ResNet-50 on ImageNet, Chen et al. 2020) is in each comment where it differs."""
+
+    name: str = "simclr"
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(base_lr=1e-3, weight_decay=1e-4))
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(warmup_fraction=0.1))
+    projector_hidden_dim: int = 2048  # Linear-BN-GELU-Linear projector (SimCLR: 2048, ReLU)
+    projector_dim: int = 128  # where NT-Xent compares views (SimCLR: 128)
+    temperature: float = 0.1  # NT-Xent temperature (SimCLR: 0.1 at large batches)
+    crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])  # crop area fraction (SimCLR: 0.08, 1)
+    # per-channel a·x + b, a in [1-s, 1+s], b in [-s, s] (normalized units); SimCLR's colour jitter for stains
+    intensity_jitter: float = 0.2
+    init_from: Optional[str] = None  # checkpoint whose encoder starts the backbone (keys checked exactly)
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+    # per-block linear probes of the backbone every N epochs (callbacks.block_probes); 0 = off
+    probe_every_n_epochs: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_init_from(self.init_from)
+        for key in ("projector_hidden_dim", "projector_dim"):
+            _at_least(f"task.{key}", getattr(self, key), 1)
+        if self.temperature <= 0:
+            raise CellrepError(f"task.temperature={self.temperature} must be positive", fix="SimCLR: 0.1")
+        _at_least("task.intensity_jitter", self.intensity_jitter, 0.0)
+        lo_hi = list(self.crops_scale)
+        if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
+            raise CellrepError(
+                f"task.crops_scale={lo_hi} is not a range [low, high] inside (0, 1]", fix="e.g. [0.32, 1.0]"
+            )
+
+
 def _check_init_from(path: Optional[str]) -> None:
     from pathlib import Path
 
@@ -754,6 +789,7 @@ def register_configs() -> None:
         ("task", TaskConfig),
         ("mae_task", MAETaskConfig),
         ("dino_task", DINOTaskConfig),
+        ("simclr_task", SimCLRTaskConfig),
         ("trainer", TrainerConfig),
         ("paths", PathsConfig),
         ("probe", ProbeRunConfig),  # primary configs of the evaluation (see the block above)
@@ -801,10 +837,10 @@ def to_schema(cfg: DictConfig) -> dict[str, Any]:
         _check_patch_model(out["task"].name, out["model"], out["data"])
     if "model" in out and "data" in out and out["data"].channel_sampling:
         name = getattr(out.get("task"), "name", "supervised")
-        if name not in ("supervised", "mae"):  # the tasks that pass a batch's channel_ids to the encoder
+        if name not in ("supervised", "mae", "simclr"):  # the tasks that pass a batch's channel_ids to the encoder
             raise CellrepError(
                 f"data.channel_sampling=true is not supported by task={name}",
-                fix="use task=supervised or task=mae, or set data.channel_sampling=false",
+                fix="use task=supervised, task=mae or task=simclr, or set data.channel_sampling=false",
             )
         _check_channel_sampling(out["model"])
     return out

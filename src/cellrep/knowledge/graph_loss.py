@@ -1,9 +1,13 @@
-"""Knowledge-graph losses on a batch's perturbation means (docs/FEWSHOT.md).
+"""Knowledge-graph losses, in two forms (docs/FEWSHOT.md, "Two forms of the graph losses").
 
-Both losses see a batch of sample features ``x`` (B×D), their perturbation
+Every loss sees a batch of sample features ``x`` (B×D), their perturbation
 labels ``y`` (B) and the dataset's perturbation graph ``W`` (P×P, symmetric,
-zero diagonal, from :func:`cellrep.knowledge.graph.perturbation_graph`) with
-``present`` (P, bool: the perturbation is a node of the graph).
+zero diagonal, weights in [0, 1], from
+:func:`cellrep.knowledge.graph.perturbation_graph`) with ``present`` (P,
+bool: the perturbation is a node of the graph; an absent one has a zero row).
+
+**Ours: on perturbation means, normalized per row** (``graph_contrastive``,
+``laplacian``).
 
 Shared first step — the batch's perturbations ``u_1..u_n`` are the distinct
 labels of the batch that are ``present``; ``m_i`` is the mean feature of the
@@ -33,6 +37,33 @@ minimized by shrinking every feature toward zero.
 
 Both return 0 (still attached to the graph of ``x``) when the batch has no
 pair of connected perturbations.
+
+**The authors' reference form: per sample** (``graph_contrastive_reference``,
+``laplacian_reference``), as the knowledge-graph paper's public code computes
+it when its self-supervised models pass the batch's per-sample interaction
+matrix (docs/FEWSHOT.md; their code divides a matrix of raw STRING scores, > 1, by 1000, and ``W``
+is already in [0, 1]). Every sample is a row, those of absent
+perturbations included (their row of ``W`` is 0). ``f_b = x_b / ‖x_b‖`` per
+sample and ``A_bc = W[y_b, y_c]`` for ``b ≠ c``, ``A_bb = 0`` (B×B). Two
+samples of one perturbation are therefore *not* neighbours (``W[u, u] = 0``).
+
+``graph_contrastive_reference`` — ``s_bc = f_b·f_c / τ`` with the diagonal
+set to 0 (zeroed, not removed: each row's softmax still holds ``exp(0)`` for
+the sample itself), and
+
+    loss = −(1/B) Σ_b Σ_c A_bc log softmax_c(s_b),
+
+with no division by a row's degree: a row weighs as much as its neighbours'
+weights sum to, a row without neighbours adds 0 but still counts in the mean,
+and samples of absent perturbations are negatives in the other rows.
+
+``laplacian_reference`` — ``d_b = Σ_c A_bc``, ``L = I − D^{-1/2} A D^{-1/2}``
+with ``D^{-1/2} = diag(1/√(d_b + 10⁻⁶))``, and
+
+    loss = trace(Fᵀ L F) = Σ_b ‖f_b‖² − Σ_bc A_bc f_b·f_c / √((d_b + 10⁻⁶)(d_c + 10⁻⁶)),
+
+not divided by anything: it grows with the batch, and each sample without a
+neighbour adds the constant ``‖f_b‖² = 1`` (no gradient).
 """
 
 from __future__ import annotations
@@ -44,7 +75,7 @@ import torch.nn.functional as F
 
 from cellrep.errors import CellrepError
 
-GRAPH_LOSSES = ("none", "graph_contrastive", "laplacian")
+GRAPH_LOSSES = ("none", "graph_contrastive", "laplacian", "graph_contrastive_reference", "laplacian_reference")
 
 
 class BatchGraph(NamedTuple):
@@ -96,14 +127,45 @@ def laplacian_loss(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, pres
     return torch.trace(f.T @ lap @ f) / len(f)
 
 
+def sample_graph(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference form's inputs: per-sample normalized features (B×D) and ``A = W[y][:, y]`` with a
+    zero diagonal (B×B). An absent perturbation's samples keep their (zero) rows."""
+    x = x.float()
+    a = weights[y][:, y].to(x.dtype)
+    a = a * (1 - torch.eye(len(y), dtype=x.dtype, device=x.device))
+    return F.normalize(x, dim=1), a
+
+
+def graph_contrastive_reference_loss(
+    x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """The authors' per-sample contrastive form; see the module docstring."""
+    f, a = sample_graph(x, y, weights)
+    # the self-similarity is zeroed, not masked out: each row's softmax keeps an exp(0) term for itself
+    sim = (f @ f.T / temperature) * (1 - torch.eye(len(f), dtype=f.dtype, device=f.device))
+    return -(a * torch.log_softmax(sim, dim=1)).sum(1).mean()
+
+
+def laplacian_reference_loss(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The authors' per-sample trace(Fᵀ L F), not averaged; see the module docstring."""
+    f, a = sample_graph(x, y, weights)
+    inv_sqrt = (a.sum(1) + 1e-6).rsqrt()
+    lap = torch.eye(len(f), dtype=f.dtype, device=f.device) - inv_sqrt[:, None] * a * inv_sqrt[None, :]
+    return torch.trace(f.T @ lap @ f)
+
+
 def graph_loss(
     name: str, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, present: torch.Tensor, temperature: float = 0.1
 ) -> torch.Tensor:
-    """The loss named by ``task.graph_loss`` (``graph_contrastive`` or ``laplacian``)."""
+    """The loss named by ``task.graph_loss`` (any of ``GRAPH_LOSSES`` but ``none``)."""
     if name == "graph_contrastive":
         return graph_contrastive_loss(x, y, weights, present, temperature)
     if name == "laplacian":
         return laplacian_loss(x, y, weights, present)
+    if name == "graph_contrastive_reference":
+        return graph_contrastive_reference_loss(x, y, weights, temperature)
+    if name == "laplacian_reference":
+        return laplacian_reference_loss(x, y, weights)
     raise ValueError(f"unknown graph loss '{name}' (expected one of {GRAPH_LOSSES})")
 
 

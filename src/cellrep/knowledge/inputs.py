@@ -55,9 +55,9 @@ def context_inputs(cfg: DictConfig, cell_types: Sequence[str]) -> torch.Tensor |
     path = cfg.model.get("context_path")
     if not path:
         return None
-    if cfg.task.name != "supervised":
+    if cfg.task.name not in ("supervised", "simclr", "mae", "dino"):  # the tasks whose encoder takes the context
         raise CellrepError(
-            f"model.context_path is used by task=supervised, not task={cfg.task.name}",
+            f"model.context_path is used by task=supervised, simclr, mae and dino, not task={cfg.task.name}",
             fix="drop model.context_path for this task",
         )
     if str(path) == SYNTHETIC:

@@ -31,6 +31,7 @@ from cellrep.models.backbone import build_backbone
 
 # Where each task keeps its encoder in the state dict (its LightningModule attribute path).
 # DINO: the teacher's backbone, the encoder DINO evaluates (cellrep.training.tasks.dino).
+# SimCLR keeps its backbone under backbone. as a supervised run does, so its checkpoints read as one.
 ENCODER_PREFIXES: dict[str, str] = {"supervised": "backbone.", "mae": "mae.encoder.", "dino": "teacher.backbone."}
 SHOWN = 8  # keys named per kind of mismatch; the count says how many more
 # torch's own advice in a weights_only refusal is to retry with weights_only=False: not ours to pass on.
@@ -52,7 +53,7 @@ class Checkpoint:
         raise CellrepError(
             f"{setting}: {self.path} holds no encoder weights (no keys under "
             f"{' or '.join(ENCODER_PREFIXES.values())}; {_named('its keys', sorted(self.state_dict))})",
-            fix="use a checkpoint of a task=mae, task=dino or task=supervised run",
+            fix="use a checkpoint of a task=mae, task=dino, task=simclr or task=supervised run",
         )
 
 

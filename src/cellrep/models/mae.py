@@ -14,6 +14,12 @@ Tokens and pixels line up through :meth:`MaskedAutoencoder.patchify`:
   ordered channel-major, and masking runs over all channel-tokens.
 
 Nothing assumes 3 channels.
+
+A cell-type context token (:mod:`cellrep.models.context`), when given, joins the
+*visible* tokens right after the prefix tokens, so it is never masked, and is
+dropped from the encoder output before the decoder: ``latent`` and the
+decoder's input hold the prefix and visible patch tokens only, and the decoder
+reconstructs patches only.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
 from cellrep.errors import CellrepError
+from cellrep.models.context import drop_context_token, insert_context_token
 from cellrep.models.vit import fix_pos_embed_to_sincos, patch_size_of, sincos_pos_embed
 from cellrep.models.vit_tokens import run_blocks, vit_tokens
 
@@ -167,10 +174,12 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: float,
         generator: Optional[torch.Generator] = None,
         channel_ids: Optional[torch.Tensor] = None,
+        context: Optional[torch.Tensor] = None,
     ):
         """Encode a random ``1 - mask_ratio`` of the tokens; returns (latent, ids_restore, mask).
 
-        ``channel_ids`` (CA-ViT): the channel slots of the input's channels (a sampled subset)."""
+        ``channel_ids`` (CA-ViT): the channel slots of the input's channels (a sampled subset).
+        ``context``: B×D cell-type context tokens (module docstring), absent from ``latent``."""
         tokens = vit_tokens(
             self.encoder, images, channel_ids, drop_patches=False
         )  # the masking below is MAE's patch dropout
@@ -179,10 +188,15 @@ class MaskedAutoencoder(nn.Module):
         keep = max(1, int(round(L * (1 - mask_ratio))))
         ids_keep, ids_restore = random_masking(L, keep, B, images.device, generator)
         visible = patches.gather(1, ids_keep[..., None].expand(-1, -1, D))
-        x = run_blocks(self.encoder.blocks, torch.cat([prefix, visible], dim=1), self.grad_checkpointing)
+        x = torch.cat([prefix, visible], dim=1)
+        if context is not None:
+            x = insert_context_token(x, context, self.num_prefix_tokens)
+        x = self.encoder.norm(run_blocks(self.encoder.blocks, x, self.grad_checkpointing))
+        if context is not None:
+            x = drop_context_token(x, self.num_prefix_tokens)
         mask = torch.ones(B, L, device=images.device, dtype=images.dtype)
         mask[:, :keep] = 0
-        return self.encoder.norm(x), ids_restore, mask.gather(1, ids_restore)
+        return x, ids_restore, mask.gather(1, ids_restore)
 
     def forward(
         self,
@@ -190,8 +204,9 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: float = 0.75,
         generator: Optional[torch.Generator] = None,
         channel_ids: Optional[torch.Tensor] = None,
+        context: Optional[torch.Tensor] = None,
     ) -> MAEOutput:
-        latent, ids_restore, mask = self.encode(images, mask_ratio, generator, channel_ids)
+        latent, ids_restore, mask = self.encode(images, mask_ratio, generator, channel_ids, context)
         _, C, H, W = images.shape
         grid = (H // self.patch_size, W // self.patch_size)
         chans = C if self.channel_agnostic else 1

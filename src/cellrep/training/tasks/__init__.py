@@ -20,6 +20,7 @@ from cellrep.knowledge.inputs import context_inputs, graph_inputs
 from cellrep.models.pretrained import init_backbone
 from cellrep.training.tasks.dino import DINOTask
 from cellrep.training.tasks.mae import MAETask
+from cellrep.training.tasks.simclr import SimCLRTask
 from cellrep.training.tasks.supervised import SupervisedTask
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,17 @@ def _supervised_inputs(cfg: DictConfig, dm) -> dict[str, Any]:
     }
 
 
-def _mae_inputs(cfg: DictConfig, dm) -> dict[str, Any]:
-    context_inputs(cfg, [])  # MAE takes no context: says so if one is configured
-    return {}
+def _context_inputs(cfg: DictConfig, dm) -> dict[str, Any]:
+    """The self-supervised tasks take the supervised task's cell-type context, not its classes."""
+    inputs = _supervised_inputs(cfg, dm)
+    return {"group_of_index": inputs["group_of_index"], "context_table": inputs["context_table"]}
 
 
 TASKS: dict[str, tuple[type[L.LightningModule], Callable[[DictConfig, Any], dict[str, Any]]]] = {
     "supervised": (SupervisedTask, _supervised_inputs),
-    "mae": (MAETask, _mae_inputs),
-    "dino": (DINOTask, _mae_inputs),  # no context either
+    "mae": (MAETask, _context_inputs),
+    "dino": (DINOTask, _context_inputs),
+    "simclr": (SimCLRTask, _context_inputs),
 }
 
 

@@ -18,6 +18,15 @@ does); at the input size the table is used unchanged, so the weights are those o
 checkpoint rebuilds from the run's ``model`` settings alone. A CA-ViT builds its sin-cos positions
 from each batch's grid and takes any size divisible by its patch. Resizing local crops up to the
 input size would also work, but costs a global crop's compute per local crop.
+
+**Cell-type context** (``model.context_path``, docs/FEWSHOT.md): student and teacher both take
+each image's projected cell-type vector as one more token after the class token, in every crop,
+global and local (:func:`cellrep.models.context.context_tokens`); it is dropped after the blocks,
+so the heads and the patch tokens are as without it. The projection is part of ``DINOModel``, so
+the teacher's is the EMA of the student's like every other teacher weight (``teacher.context.`` in
+checkpoints, next to the encoder it goes with). Sharing the student's projection instead would pair
+the teacher's averaged backbone with a projection it was never averaged with, and would move the
+targets at the student's pace, which is what the EMA teacher exists to avoid.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from timm.models.vision_transformer import VisionTransformer
 from cellrep.errors import CellrepError
 from cellrep.knowledge.graph_loss import graph_loss, register_graph
 from cellrep.models.backbone import build_backbone
+from cellrep.models.context import CellTypeContext, context_tokens, token_context
 from cellrep.models.dino_head import DINOHead
 from cellrep.models.vit import patch_size_of
 from cellrep.training.optim import configure_optimizers
@@ -63,11 +73,19 @@ def build_dino_backbone(model: dict[str, Any], in_chans: int) -> nn.Module:
 
 
 class DINOModel(nn.Module):
-    """Backbone + DINO head (+ iBOT head) + the mask token: what the student trains and the teacher averages."""
+    """Backbone + DINO head (+ iBOT head) + the mask token (+ the context projection): what the student
+    trains and the teacher averages."""
 
-    def __init__(self, backbone: nn.Module, head: dict[str, int], ibot_separate_head: bool):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: dict[str, int],
+        ibot_separate_head: bool,
+        context: Optional[CellTypeContext] = None,
+    ):
         super().__init__()
         self.backbone = backbone
+        self.context = context
         dim = backbone.num_features
         self.dino_head = DINOHead(dim, **head)
         self.ibot_head = DINOHead(dim, **head) if ibot_separate_head else None
@@ -99,13 +117,18 @@ class DINOModel(nn.Module):
             handle.remove()
 
     def forward(
-        self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, project: Optional[torch.Tensor] = None
+        self,
+        images: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        project: Optional[torch.Tensor] = None,
+        cell_types: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
         """``cls`` (class token after the final norm) and its head ``logits``; ``mask`` (B × tokens) hides
         patch tokens from the backbone, ``project`` (B × tokens) picks the patch tokens whose head logits
-        come back as ``patch_logits``. One call does it all, so under FSDP the unit gathers its weights once."""
+        come back as ``patch_logits``, ``cell_types`` (B) pick the context vectors (with a context).
+        One call does it all, so under FSDP the unit gathers its weights once."""
         with self._masked(mask):
-            tokens = self.backbone.forward_features(images)
+            tokens = context_tokens(self.backbone, images, self.context, cell_types)
         cls = tokens[:, 0]
         out = {"cls": cls, "logits": self.dino_head(cls)}
         if project is not None:
@@ -155,9 +178,11 @@ class DINOTask(L.LightningModule):
         graph_temperature: float = 0.1,
         graph_weights: Optional[torch.Tensor] = None,
         graph_present: Optional[torch.Tensor] = None,
+        group_of_index: Optional[torch.Tensor] = None,
+        context_table: Optional[torch.Tensor] = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["graph_weights", "graph_present"])
+        self.save_hyperparameters(ignore=["graph_weights", "graph_present", "group_of_index", "context_table"])
         register_graph(self, graph_loss, graph_weights, graph_present)
         if centering not in losses_.CENTERINGS:
             raise CellrepError(f"unknown task.centering '{centering}'", fix=f"use one of {list(losses_.CENTERINGS)}")
@@ -166,10 +191,14 @@ class DINOTask(L.LightningModule):
         head = dict(
             out_dim=out_dim, hidden_dim=head_hidden_dim, bottleneck_dim=head_bottleneck_dim, nlayers=head_layers
         )
-        self.student = DINOModel(backbone, head, ibot_separate_head)
-        self.teacher = copy.deepcopy(self.student)
+        context = token_context(context_table, backbone, "dino")
+        self.student = DINOModel(backbone, head, ibot_separate_head, context)
+        self.teacher = copy.deepcopy(self.student)  # the context projection too: the teacher averages it
         self.teacher.requires_grad_(False)
         self.centers = losses_.DINOCenters(out_dim, out_dim, center_momentum)
+        if group_of_index is None:
+            group_of_index = torch.zeros(0, dtype=torch.long)
+        self.register_buffer("group_of_index", group_of_index.long(), persistent=False)
         self._teacher_step = 0  # optimizer steps the teacher has followed
         self._warned_epoch = -1
         if compile:  # per block, in place: keys keep their names
@@ -222,11 +251,33 @@ class DINOTask(L.LightningModule):
             )
         return local
 
+    def _cell_types(self, index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The cell type of each sample at ``index`` (None without a context)."""
+        if self.student.context is None:
+            return None
+        if index is None:
+            raise CellrepError(
+                "this DINO takes a cell-type context token (model.context_path), and the batch has no index",
+                fix="pass index=batch['index'] (every CellDataModule batch has one)",
+            )
+        return self.group_of_index[index]
+
     def forward(
-        self, images: torch.Tensor, generator: Optional[torch.Generator] = None, labels: Optional[torch.Tensor] = None
+        self,
+        images: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        labels: Optional[torch.Tensor] = None,
+        index: Optional[torch.Tensor] = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(losses, collapse metrics) of one batch. Training (no ``generator``) moves the centers."""
+        """(losses, collapse metrics) of one batch. Training (no ``generator``) moves the centers.
+        ``index``: the batch's rows of the DataModule index, whose cell types pick the context vectors."""
         h = self.hparams
+        cell_types = self._cell_types(index)
+
+        def crop_types(crops: int) -> Optional[torch.Tensor]:
+            # crops are stacked crop-major (every image's first crop, then every image's second, ...)
+            return None if cell_types is None else cell_types.repeat(crops)
+
         training = generator is None
         b, size = images.shape[0], images.shape[-1]
         glob = torch.cat([random_resized_crops(images, size, tuple(h.global_crops_scale), generator) for _ in range(2)])
@@ -247,14 +298,14 @@ class DINOTask(L.LightningModule):
             tokens = grid * (images.shape[1] if getattr(self.backbone, "channel_agnostic", False) else 1)
             mask = token_masks(2 * b, tokens, h.ibot_mask_probability, tuple(h.ibot_mask_ratio), glob.device, generator)
         with torch.no_grad():
-            teacher = self.teacher(glob, project=mask)
+            teacher = self.teacher(glob, project=mask, cell_types=crop_types(2))
             t_cls = teacher["cls"]
             t_probs = losses_.teacher_probs(teacher["logits"], h.centering, temp, self.centers, "center", training)
-        student = self.student(glob, mask, project=mask)
+        student = self.student(glob, mask, project=mask, cell_types=crop_types(2))
         s_cls, s_logits = student["cls"], student["logits"]
         k = s_logits.shape[-1]
         if local is not None:
-            s_local = self.student(local)["logits"].view(-1, b, k)
+            s_local = self.student(local, cell_types=crop_types(h.local_crops))["logits"].view(-1, b, k)
         else:
             s_local = s_logits.new_zeros(0, b, k)
         out = losses_.dino_loss(s_logits.view(2, b, k), s_local, t_probs.view(2, b, k), h.student_temp)
@@ -308,7 +359,7 @@ class DINOTask(L.LightningModule):
         self._teacher_step = self.global_step
 
     def training_step(self, batch, batch_idx):
-        out, metrics = self(batch["image"], labels=batch.get("label"))
+        out, metrics = self(batch["image"], labels=batch.get("label"), index=batch.get("index"))
         if not torch.isfinite(out["loss"]):
             raise NonFiniteLossError(
                 f"DINO loss became {out['loss'].item()} at step {self.global_step}; the last good checkpoint is kept",
@@ -351,7 +402,9 @@ class DINOTask(L.LightningModule):
         return torch.Generator(device=device).manual_seed(batch_idx)
 
     def validation_step(self, batch, batch_idx):
-        out, metrics = self(batch["image"], self._fixed_views(batch_idx, batch["image"].device))
+        out, metrics = self(
+            batch["image"], self._fixed_views(batch_idx, batch["image"].device), index=batch.get("index")
+        )
         self._log(
             "val",
             {**out, **{f"collapse_{k}": v for k, v in metrics.items() if k != "teacher_temp"}},
@@ -359,7 +412,7 @@ class DINOTask(L.LightningModule):
         )
 
     def test_step(self, batch, batch_idx):
-        out, _ = self(batch["image"], self._fixed_views(batch_idx, batch["image"].device))
+        out, _ = self(batch["image"], self._fixed_views(batch_idx, batch["image"].device), index=batch.get("index"))
         self._log("test", out, len(batch["image"]))
 
     def _log(self, stage: str, values: dict[str, torch.Tensor], n: int) -> None:

@@ -1,8 +1,14 @@
 """Masked-autoencoder pretraining (``task=mae``) on any shard set.
 
-Labels in the batch are ignored: MAE needs only ``batch["image"]``. The
+Labels in the batch are ignored (except by the optional graph prior): MAE needs
+only ``batch["image"]``, and ``batch["index"]`` with a context. The
 encoder is the backbone a supervised run would build, kept under
 ``mae.encoder.`` in checkpoints, which ``task.init_from`` loads for fine-tuning.
+
+With ``model.context_path`` (docs/FEWSHOT.md) every image's cell-type vector,
+projected by ``context`` (outside the encoder, so the encoder's keys are
+unchanged), is one more visible token of the encoder: never masked, and not
+seen by the decoder (:mod:`cellrep.models.mae`).
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from cellrep.errors import CellrepError
 from cellrep.knowledge.graph_loss import graph_loss, register_graph
 from cellrep.models.backbone import build_backbone
+from cellrep.models.context import token_context
 from cellrep.models.mae import MaskedAutoencoder
 from cellrep.training.callbacks.reconstructions import ReconstructionImages
 from cellrep.training.optim import configure_optimizers
@@ -46,9 +54,11 @@ class MAETask(L.LightningModule):
         graph_temperature: float = 0.1,
         graph_weights: Optional[torch.Tensor] = None,
         graph_present: Optional[torch.Tensor] = None,
+        group_of_index: Optional[torch.Tensor] = None,
+        context_table: Optional[torch.Tensor] = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["graph_weights", "graph_present"])
+        self.save_hyperparameters(ignore=["graph_weights", "graph_present", "group_of_index", "context_table"])
         register_graph(self, graph_loss, graph_weights, graph_present)
         encoder = build_backbone(
             model["name"],
@@ -61,6 +71,10 @@ class MAETask(L.LightningModule):
         self.mae = MaskedAutoencoder(
             encoder, in_chans, decoder_dim, decoder_depth, decoder_heads, grad_checkpointing=grad_checkpointing
         )
+        self.context = token_context(context_table, encoder, "mae")
+        if group_of_index is None:
+            group_of_index = torch.zeros(0, dtype=torch.long)
+        self.register_buffer("group_of_index", group_of_index.long(), persistent=False)
         if compile:
             # Per block, in place: the hot path (attention + MLP) gets fused kernels while masking's
             # data-dependent gathers stay eager, and state-dict keys keep their names (no ``_orig_mod.``).
@@ -73,11 +87,13 @@ class MAETask(L.LightningModule):
         generator: Optional[torch.Generator] = None,
         labels: Optional[torch.Tensor] = None,
         channel_ids: Optional[torch.Tensor] = None,
+        index: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
         """MAE losses; with ``labels`` and a ``graph_loss``, also the graph loss on the pooled encoder
         features (mean of the visible patch tokens), added to ``loss`` with ``graph_weight``.
-        ``channel_ids``: the channel slots of a channel-sampled batch (data.channel_sampling, CA-ViT)."""
-        out = self.mae(images, self.hparams.mask_ratio, generator, channel_ids)
+        ``channel_ids``: the channel slots of a channel-sampled batch (data.channel_sampling, CA-ViT);
+        ``index``: the batch's rows of the DataModule index, whose cell types pick the context vectors."""
+        out = self.mae(images, self.hparams.mask_ratio, generator, channel_ids, self._context(index))
         losses = mae_loss(
             out.pred,
             self.mae.patchify(images),
@@ -99,6 +115,17 @@ class MAETask(L.LightningModule):
             losses["loss"] = losses["loss"] + self.hparams.graph_weight * losses["graph"]
         return losses
 
+    def _context(self, index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """B×D context tokens of the samples at ``index`` (None without a context)."""
+        if self.context is None:
+            return None
+        if index is None:
+            raise CellrepError(
+                "this MAE takes a cell-type context token (model.context_path), and the batch has no index",
+                fix="pass index=batch['index'] (every CellDataModule batch has one)",
+            )
+        return self.context(self.group_of_index[index])
+
     def on_fit_start(self) -> None:
         enc, dec = (sum(p.numel() for p in m.parameters()) for m in (self.mae.encoder, self.mae.decoder))
         p, chans = self.mae.patch_size, self.hparams.in_chans
@@ -113,7 +140,9 @@ class MAETask(L.LightningModule):
             )
 
     def training_step(self, batch, batch_idx):
-        losses = self(batch["image"], labels=batch.get("label"), channel_ids=batch.get("channel_ids"))
+        losses = self(
+            batch["image"], labels=batch.get("label"), channel_ids=batch.get("channel_ids"), index=batch.get("index")
+        )
         if not torch.isfinite(losses["loss"]):
             raise NonFiniteLossError(
                 f"MAE loss became {losses['loss'].item()} at step {self.global_step} "
@@ -127,24 +156,30 @@ class MAETask(L.LightningModule):
         # the same masks every evaluation, so val/loss moves only because the model does
         return torch.Generator(device=device).manual_seed(batch_idx)
 
+    def _eval_losses(self, batch, batch_idx) -> dict[str, torch.Tensor]:
+        masks = self._fixed_masks(batch_idx, batch["image"].device)
+        return self(batch["image"], masks, channel_ids=batch.get("channel_ids"), index=batch.get("index"))
+
     def validation_step(self, batch, batch_idx):
-        self._log(
-            "val", self(batch["image"], self._fixed_masks(batch_idx, batch["image"].device)), batch["image"].shape[0]
-        )
+        self._log("val", self._eval_losses(batch, batch_idx), batch["image"].shape[0])
 
     def test_step(self, batch, batch_idx):
-        self._log(
-            "test", self(batch["image"], self._fixed_masks(batch_idx, batch["image"].device)), batch["image"].shape[0]
-        )
+        self._log("test", self._eval_losses(batch, batch_idx), batch["image"].shape[0])
 
     def _log(self, stage: str, losses: dict[str, torch.Tensor], n: int) -> None:
         for name, value in losses.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "loss", sync_dist=stage != "train", batch_size=n)
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
-        """Images for eyes: ``target``, ``reconstruction`` (visible pixels + predicted masked ones), ``mask``."""
-        out = self.mae(images, self.hparams.mask_ratio, generator)
+    def reconstruct(
+        self, images: torch.Tensor, generator: Optional[torch.Generator] = None, index: Optional[torch.Tensor] = None
+    ) -> dict[str, torch.Tensor]:
+        """Images for eyes: ``target``, ``reconstruction`` (visible pixels + predicted masked ones), ``mask``.
+
+        With a context, ``index`` (the batch's rows; the pictures' callback passes them) picks each
+        image's token; without ``index`` the encoder runs without it: a picture, not a measurement."""
+        context = self._context(index) if index is not None else None
+        out = self.mae(images, self.hparams.mask_ratio, generator, context=context)
         patches = self.mae.patchify(images).float()
         pred = out.pred.float()
         if self.hparams.norm_pix_loss:  # predictions are standardized patches: undo with the true patch stats
