@@ -5,7 +5,7 @@ checkpoint (``cellrep-eval block=best``: per-block linear probes and 1-NN from o
 pass, the validation-chosen block embedded, TVN, StringDB recall) and prints one table of
 mean ± std over seeds, with each method's paired gain over random initialization:
 
-    python benchmarks/pretraining.py [--seeds 0 1 2] [--methods random supervised mae dino] [--epochs 20]
+    python benchmarks/pretraining.py [--seeds 0 1 2] [--methods random supervised mae dino simclr] [--epochs 20]
         [--set mae:task.optimizer.base_lr=1e-3 ...] [--tag lr1e-3] [-- <overrides every training run gets>]
 
 ``random`` is the architecture at initialization (one ``task=mae`` step at learning rate 0, so
@@ -44,6 +44,7 @@ METHODS: dict[str, list[str]] = {
     "supervised": ["task=supervised"],
     "mae": ["task=mae", "task.decoder_dim=128", "task.decoder_depth=2", "task.decoder_heads=4"],
     "dino": ["task=dino"],
+    "simclr": ["task=simclr"],
 }
 SOURCE, THRESHOLDS = "StringDB", ("0.05/0.95", "0.1/0.9")  # recall summed over both thresholds
 EVAL = ["block=best", "corrections=[none,tvn]", "benchmarks=[recall]", "plots.umap=false", "progress=false"]
