@@ -22,8 +22,9 @@ from cellrep.errors import CellrepError
 from cellrep.models.backbone import build_backbone
 from cellrep.models.checkpoint import load_backbone, load_encoder
 from cellrep.training.tasks import simclr_loss
+from cellrep.training.tasks.dino_loss import spread
 from cellrep.training.tasks.simclr import SimCLRTask
-from cellrep.training.tasks.simclr_loss import nt_xent, spread
+from cellrep.training.tasks.simclr_loss import nt_xent
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -178,6 +178,15 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 @torch.no_grad()
+def spread(x: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std over the batch of the L2-normalized rows of ``x``, × √D: 1 for random
+    directions, 0 when every image embeds alike (the collapse indicator of DINO and SimCLR)."""
+    if x.shape[0] < 2:
+        return x.new_ones(())
+    f = F.normalize(x.float(), dim=-1)
+    return f.std(dim=0).mean() * math.sqrt(f.shape[-1])
+
+
 def collapse_metrics(
     probs: torch.Tensor, student_features: torch.Tensor, teacher_features: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -197,9 +206,7 @@ def collapse_metrics(
         "teacher_entropy_of_mean": -(mean * mean.log()).sum() / log_k,
         "teacher_entropy_per_sample": -(p * p.log()).sum(dim=-1).mean() / log_k,
     }
-    for name, f in (("student_std", student_features), ("teacher_std", teacher_features)):
-        f = F.normalize(f.float(), dim=-1)
-        out[name] = f.std(dim=0).mean() * math.sqrt(f.shape[-1]) if f.shape[0] > 1 else f.new_ones(())
+    out["student_std"], out["teacher_std"] = spread(student_features), spread(teacher_features)
     return out
 
 

@@ -35,8 +35,9 @@ from cellrep.models.backbone import build_backbone
 from cellrep.models.context import CellTypeContext, pooled_features, takes_context_token
 from cellrep.training.optim import configure_optimizers
 from cellrep.training.strategy import shard_blocks
+from cellrep.training.tasks.dino_loss import spread
 from cellrep.training.tasks.dino_views import random_resized_crops
-from cellrep.training.tasks.simclr_loss import Projector, nt_xent, spread
+from cellrep.training.tasks.simclr_loss import Projector, nt_xent
 from cellrep.training.tasks.supervised import NonFiniteLossError, record_channel_names
 
 

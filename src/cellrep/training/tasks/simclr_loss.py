@@ -13,13 +13,9 @@
   from the others'; cellrep's trainer has no ``sync_batchnorm`` setting today.
 * :class:`Projector`: ``Linear → BatchNorm → GELU → Linear``, between the pooled backbone features
   and the loss; the encoder kept for evaluation is the backbone before it.
-* :func:`spread`: per-dimension std over the batch of L2-normalized embeddings × √D (1: random
-  directions, 0: every image alike), the collapse indicator DINO logs too.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.distributed as dist
@@ -75,12 +71,3 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> dic
     with torch.no_grad():
         accuracy = (logits.argmax(dim=1) == positive).float().mean()
     return {"loss": loss, "accuracy": accuracy}
-
-
-@torch.no_grad()
-def spread(x: torch.Tensor) -> torch.Tensor:
-    """Mean per-dimension std over the batch of the L2-normalized rows of ``x``, × √D (module docstring)."""
-    if x.shape[0] < 2:
-        return x.new_ones(())
-    f = F.normalize(x.float(), dim=-1)
-    return f.std(dim=0).mean() * math.sqrt(f.shape[-1])
