@@ -237,17 +237,37 @@ class SchedulerConfig:
 
 
 @dataclass
-class GraphPriorConfig:
-    """Knowledge-graph prior of both tasks (docs/FEWSHOT.md, cellrep.knowledge.graph_loss): supervised on the pooled
-    backbone features, MAE on the pooled encoder features."""
+class FewShotProtocolConfig:
+    """The de novo protocol's phase after the first fit (split=cell_type, split.shots=k; cellrep.training.fewshot,
+    docs/FEWSHOT.md), the same for every task: a supervised fine-tune on the k shots of the held-out type."""
 
-    graph_loss: str = "none"  # none | graph_contrastive | laplacian
+    # fine-tune this many epochs on the k shots of the held-out type; 0: one joint fit (shots in train)
+    finetune_epochs: int = 0
+    finetune_base_lr: Optional[float] = None  # null: optimizer.base_lr
+
+    def __post_init__(self) -> None:
+        if self.finetune_epochs < 0:
+            raise CellrepError(
+                f"task.finetune_epochs={self.finetune_epochs} is negative",
+                fix="use 0 (no fine-tuning phase) or a positive number of epochs",
+            )
+
+
+@dataclass
+class GraphPriorConfig(FewShotProtocolConfig):
+    """Knowledge-graph prior of every task (docs/FEWSHOT.md, cellrep.knowledge.graph_loss): supervised on the pooled
+    backbone features, MAE on the pooled encoder features, DINO on the student's class token, SimCLR on the mean
+    of its two views' pooled features. Every task inherits the protocol settings too."""
+
+    # none | graph_contrastive | laplacian (ours) | graph_contrastive_reference | laplacian_reference (the authors')
+    graph_loss: str = "none"
     graph_weight: float = 0.1
     graph_temperature: float = 0.1
     graph_path: str = "StringDB"  # a shipped annotation name, or a STRING / Hetionet / entity1,entity2 file
     graph_nodes: Optional[str] = None  # node table mapping ids to symbols (Hetionet nodes.tsv, STRING protein.info)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from cellrep.knowledge.graph_loss import GRAPH_LOSSES
 
         if self.graph_loss not in GRAPH_LOSSES:
@@ -275,10 +295,6 @@ class TaskConfig(GraphPriorConfig):
     # per-block linear probes of the backbone every N epochs while training (callbacks.block_probes); 0 = off:
     # a supervised run already reports val/acc, so the live curve is opt-in here
     probe_every_n_epochs: int = 0
-    # de novo protocol (split=cell_type, split.shots=k; cellrep.training.fewshot): after training on the other
-    # cell types, fine-tune this many epochs on the k shots of the held-out type; 0: one joint fit (shots in train)
-    finetune_epochs: int = 0
-    finetune_base_lr: Optional[float] = None  # null: optimizer.base_lr
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -286,11 +302,6 @@ class TaskConfig(GraphPriorConfig):
         _check_channel_adaptation("task.init_channels", self.init_channels)
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise CellrepError(f"task.label_smoothing={self.label_smoothing} is not in [0, 1]", fix="e.g. 0.1")
-        if self.finetune_epochs < 0:
-            raise CellrepError(
-                f"task.finetune_epochs={self.finetune_epochs} is negative",
-                fix="use 0 (no fine-tuning phase) or a positive number of epochs",
-            )
 
 
 @dataclass

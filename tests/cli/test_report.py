@@ -46,7 +46,7 @@ def test_write_summary_writes_markdown_and_json(tmp_path):
     job(tmp_path, 0, ["seed=0"], **{"test/acc": 0.25, "test/acc_top5": 0.5})
     write_summary(tmp_path)
     assert "0.250 ± 0.000" in (tmp_path / "summary.md").read_text()
-    assert json.loads((tmp_path / "summary.json").read_text())[0]["n"] == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["settings"][0]["n"] == 1
 
 
 # ------------------------------------------------------------------ the end-of-run report and the sweep table

@@ -69,9 +69,7 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "code": version})
 
     denovo = fewshot.finetune_epochs(cfg) > 0  # de novo protocol: other cell types first, the shots after
-    fit_data = (
-        datamodule.with_train_rows(fewshot.phase_rows(datamodule, cfg.split.holdout)[0]) if denovo else datamodule
-    )
+    fit_data = fewshot.pretraining_data(datamodule, cfg.split.holdout) if denovo else datamodule
     trainer.fit(model, datamodule=fit_data, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     for cb in callbacks:
