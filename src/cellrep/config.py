@@ -722,7 +722,10 @@ class ProbeRunConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     probe: ProbeTrainingConfig = field(default_factory=ProbeTrainingConfig)
     task: dict[str, Any] = field(default_factory=lambda: {"name": "probe"})
-    model: dict[str, Any] = field(default_factory=lambda: {"name": "checkpoint"})  # filled from the checkpoint
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "checkpoint", "context_path": None})  # from the ckpt
+    # a checkpoint trained with a cell-type context embeds with it (docs/FEWSHOT.md), its table from the run
+    # or model.context_path=<csv> (new cell types: one row each); context=false: the encoder alone, an ablation
+    context: bool = True
     data: Any = None
     split: Any = None
     logger: Any = None

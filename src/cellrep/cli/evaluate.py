@@ -31,6 +31,7 @@ from cellrep.cli.resume import pin_ddp_children
 from cellrep.cli.rundir import RunDir
 from cellrep.config import register_configs
 from cellrep.eval import plots
+from cellrep.eval.checkpoint import context_line
 from cellrep.eval.embeddings import read_embeddings
 from cellrep.eval.pipeline import across_ranks, embed_checkpoint, model_file, prepare, probe_settings
 from cellrep.eval.report import benchmark_lines, probe_lines, write_markdown
@@ -56,6 +57,7 @@ def load_or_embed(cfg: DictConfig, run: RunDir) -> tuple[Any, dict[str, Any], li
         "model": prep.model["name"],
         "block": block,
         "data/split from": prep.data_source,
+        "cell-type context": context_line(prep.context_record),  # metrics.json and report.md
     }
     return emb, info, [prep.dataset_root], result
 

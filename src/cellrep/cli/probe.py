@@ -63,7 +63,14 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
     if cfg.probe.get("leave_one_channel_out"):
         best = result.table.loc[result.table["block"] == result.best_block, "test_acc"].iloc[0]
         channels = leave_one_channel_out(
-            prep.backbone, prep.datamodule, prep.device, result.best_block, best, probe_settings(cfg), cfg.progress
+            prep.backbone,
+            prep.datamodule,
+            prep.device,
+            result.best_block,
+            best,
+            probe_settings(cfg),
+            cfg.progress,
+            prep.context,
         )
         outputs.update(save_channel_outputs(run.path, channels))
 
@@ -84,6 +91,7 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(run.path),
         "files": {k: str(v) for k, v in outputs.items()},
         "channels": prep.datamodule.channel_plan.kept_names,
+        "context": prep.context_record,  # whether the checkpoint's cell-type context conditioned the features
     }
     if channels is not None:
         metrics["leave_one_channel_out"] = channel_summary(channels)

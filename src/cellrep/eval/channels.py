@@ -142,7 +142,14 @@ def apply_channels(backbone, dm, plan: ChannelPlan, keep: list[int]) -> None:
 
 
 def leave_one_channel_out(
-    backbone, dm, device, block: str, all_channels_acc: float, settings: ProbeSettings, progress: bool = False
+    backbone,
+    dm,
+    device,
+    block: str,
+    all_channels_acc: float,
+    settings: ProbeSettings,
+    progress: bool = False,
+    context=None,  # the model's cell-type context (eval.features.SiteContext), as for the other blocks
 ) -> pd.DataFrame:
     """Held-out top-1 of ``block``'s probe with each evaluated channel removed, next to all of them.
 
@@ -158,7 +165,7 @@ def leave_one_channel_out(
     try:
         for c in plan.keep:
             apply_channels(backbone, dm, plan, [i for i in plan.keep if i != c])
-            feats = extract_block_features(backbone, dm.eval_dataloader("all"), [k], device, progress)
+            feats = extract_block_features(backbone, dm.eval_dataloader("all"), [k], device, progress, context)
             sites = dm.index.iloc[feats.rows]
             result = train_probes(
                 feats.features,

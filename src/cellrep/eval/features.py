@@ -6,6 +6,13 @@ CNN) from a single pass, and each is pooled right away so only a vector per
 block and image is kept. Pooling follows ViTally Consistent: for a
 transformer block the mean of the patch tokens concatenated with the class
 token; for a CNN stage the spatial mean.
+
+**Cell-type context** (docs/FEWSHOT.md): a model trained with one is embedded with it
+(:class:`SiteContext`). A ViT's context token joins the tokens right after the prefix
+tokens, as in training (:mod:`cellrep.models.context`), runs through every block, and is
+dropped from each block's output before the pooling above, so the features keep their
+size and meaning. FiLM (a CNN) conditions the pooled features the classifier reads, after
+the last stage: no block output is FiLM'd in training, so block features are not either.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from cellrep.errors import CellrepError
+from cellrep.models.context import CellTypeContext, drop_context_token, insert_context_token
+from cellrep.models.vit_tokens import block_outputs, vit_tokens
 
 
 def block_names(backbone: nn.Module) -> list[str]:
@@ -55,10 +64,60 @@ def _has_tokens(backbone: nn.Module) -> bool:
     return "return_prefix_tokens" in inspect.signature(backbone.forward_intermediates).parameters
 
 
-def pooled_block_features(
-    backbone: nn.Module, images: torch.Tensor, indices: list[int] | None = None
+@dataclass(frozen=True)
+class SiteContext:
+    """A model's cell-type context and the row of its table for each site (DataModule index row)."""
+
+    module: CellTypeContext
+    row_of_site: torch.Tensor  # (sites,) long: the table row of each index row's cell type
+
+    @property
+    def conditions_blocks(self) -> bool:
+        """Whether block features take it: the token does, FiLM acts after the last block (module docstring)."""
+        return self.module.mode == "token"
+
+    def cell_types(self, rows, device) -> torch.Tensor:
+        return self.row_of_site.to(device)[torch.as_tensor(rows, device=device).long()]
+
+
+def _pool_tokens(backbone: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Patch-token mean ⊕ class token of one block's output (prefix tokens first)."""
+    n = backbone.num_prefix_tokens
+    parts = [tokens[:, n:].mean(dim=1)]
+    if getattr(backbone, "cls_token", None) is not None and n > 0:
+        parts.append(tokens[:, 0])
+    return torch.cat(parts, dim=1)
+
+
+def _context_block_features(
+    backbone: nn.Module, images: torch.Tensor, indices: list[int] | None, token: torch.Tensor
 ) -> list[torch.Tensor]:
-    """One forward pass → per requested block a (B, D_b) pooled feature (see module docstring)."""
+    """Like ``forward_intermediates`` (no final norm), with the context ``token`` in every block."""
+    n = backbone.num_prefix_tokens
+    x = insert_context_token(vit_tokens(backbone, images), token, n)
+    wanted = range(len(backbone.blocks)) if indices is None else sorted(indices)
+    pooled, last = [], max(wanted)
+    for k, out in enumerate(block_outputs(backbone.blocks, x)):
+        if k in wanted:
+            pooled.append(_pool_tokens(backbone, drop_context_token(out, n)))
+        if k == last:  # stop early: the deeper blocks are not wanted
+            break
+    return pooled
+
+
+def pooled_block_features(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    indices: list[int] | None = None,
+    context: CellTypeContext | None = None,
+    cell_type_ids: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """One forward pass → per requested block a (B, D_b) pooled feature (see module docstring).
+
+    ``context`` (with the images' ``cell_type_ids``): a token context joins every block; FiLM is ignored.
+    """
+    if context is not None and context.mode == "token":
+        return _context_block_features(backbone, images, indices, context(cell_type_ids))
     stop = indices is not None
     if _has_tokens(backbone):
         outs = backbone.forward_intermediates(
@@ -97,6 +156,7 @@ def extract_block_features(
     blocks: list[int] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    context: SiteContext | None = None,
 ) -> BlockFeatures:
     """Run ``backbone`` once over ``loader`` (batches of ``{"image", "index"}``), pooling each block.
 
@@ -104,11 +164,14 @@ def extract_block_features(
     (uint8 → normalized float32); any other loader must yield float images.
 
     ``blocks=None`` records every block; otherwise only those indices (and the
-    pass stops after the deepest one). Rows come back sorted.
+    pass stops after the deepest one). Rows come back sorted. ``context``: the model's cell-type
+    context, picked per site by the batch's ``index`` (module docstring).
     """
     names = block_names(backbone)
     wanted = list(range(len(names))) if blocks is None else sorted({int(b) for b in blocks})
     backbone = backbone.eval().to(device)
+    # a Linear map (no train/eval difference): a training task's module is moved, never switched to eval
+    module = context.module.to(device) if context is not None and context.conditions_blocks else None
     # CellDataModule loaders hand out uint8 crops; their finish_batch normalizes on the device, exactly
     # as Lightning's on_after_batch_transfer does in training (cellrep.data.loading.datamodule)
     finish = getattr(loader, "finish_batch", None)
@@ -128,7 +191,8 @@ def extract_block_features(
                 fix="pass a CellDataModule loader (dm.eval_dataloader(...)), or normalized float "
                 "batches (dm.finish_batch(batch))",
             )
-        feats = pooled_block_features(backbone, images, None if blocks is None else wanted)
+        ids = None if module is None else context.cell_types(batch["index"], images.device)
+        feats = pooled_block_features(backbone, images, None if blocks is None else wanted, module, ids)
         for store, f in zip(chunks, feats):
             store.append(f.float().cpu().numpy())
         rows.append(np.asarray(batch["index"]))

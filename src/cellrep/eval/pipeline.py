@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from cellrep.errors import CellrepError
 from cellrep.eval.channels import match_channels
-from cellrep.eval.checkpoint import build_eval_datamodule, eval_data_config
+from cellrep.eval.checkpoint import build_eval_datamodule, checkpoint_context, eval_data_config
 from cellrep.eval.embeddings import Embeddings, aggregate_wells
-from cellrep.eval.features import BlockFeatures, block_names, extract_block_features, resolve_block
+from cellrep.eval.features import BlockFeatures, SiteContext, block_names, extract_block_features, resolve_block
 from cellrep.eval.probe import ProbeResult, ProbeSettings, train_probes
 from cellrep.eval.ranks import features_across_ranks
 from cellrep.models.checkpoint import load_backbone
@@ -40,6 +40,8 @@ class Prepared:
     trainer: dict | None = None  # trainer=ddp ...: embed with these Lightning Trainer settings (eval/ranks.py)
     run_dir: Path | None = None  # where the ranks' feature parts go (with trainer)
     source: str = ""  # what is embedded (a checkpoint path), recorded with the parts
+    context: SiteContext | None = None  # the checkpoint's cell-type context, when it conditions the features
+    context_record: dict | None = None  # metrics.json's "context": in the checkpoint, used, mode, table
 
 
 def pick_device(name: str) -> torch.device:
@@ -72,7 +74,10 @@ def prepare(cfg: DictConfig) -> Prepared:
     # model needs its channel count; channels=[...]: only those (eval/channels.py)
     match_channels(backbone, meta, dm, model_file(cfg), cfg.get("channels"))
     log.info("evaluating %s on %d sites (data/split from %s)", meta["model"]["name"], len(dm.index), source)
-    return Prepared(backbone, dm, pick_device(cfg.device), meta["model"], source, shards.dataset_root)
+    context, record = checkpoint_context(cfg, backbone, dm, meta["model"])  # embed as trained (eval/checkpoint.py)
+    prep = Prepared(backbone, dm, pick_device(cfg.device), meta["model"], source, shards.dataset_root)
+    prep.context, prep.context_record = context, record
+    return prep
 
 
 def model_file(cfg: DictConfig) -> str:
@@ -92,9 +97,10 @@ def block_features(prep: Prepared, blocks: list[int] | None, progress: bool) -> 
     """Pooled features of ``blocks`` (None: all) for every site, in this process or across the ranks."""
     if prep.trainer is not None:
         return features_across_ranks(
-            prep.backbone, prep.datamodule, blocks, prep.trainer, prep.run_dir, prep.source, progress
+            prep.backbone, prep.datamodule, blocks, prep.trainer, prep.run_dir, prep.source, progress, prep.context
         )
-    return extract_block_features(prep.backbone, prep.datamodule.eval_dataloader("all"), blocks, prep.device, progress)
+    loader = prep.datamodule.eval_dataloader("all")
+    return extract_block_features(prep.backbone, loader, blocks, prep.device, progress, prep.context)
 
 
 def site_frame(dm, rows) -> pd.DataFrame:

@@ -9,7 +9,8 @@ Rank 0 then merges the parts in row order and the run goes on there alone (probe
 benchmarks); the other ranks stop. Parts are named by the rows they hold, not by a rank, so a
 killed run re-run with the same command (``run_name=`` keeps the directory) embeds only the rows
 no part holds yet, at any world size. ``features.parts/parts.json`` records what was embedded
-(checkpoint, blocks, rows); parts of anything else in the directory are an error, never mixed in.
+(checkpoint, blocks, rows, whether the cell-type context conditioned them); parts of anything else in
+the directory are an error, never mixed in.
 The merged features equal a one-process run's (tests/eval/test_ranks.py).
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from cellrep.errors import CellrepError
-from cellrep.eval.features import BlockFeatures, block_names, pooled_block_features
+from cellrep.eval.features import BlockFeatures, SiteContext, block_names, pooled_block_features
 from cellrep.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,15 @@ PARTS = "features.parts"
 
 
 class _BlockFeatureModule(L.LightningModule):
-    def __init__(self, backbone, blocks: list[int] | None):
+    def __init__(self, backbone, blocks: list[int] | None, context: SiteContext | None = None):
         super().__init__()
-        self.backbone, self.blocks = backbone, blocks
+        self.backbone, self.blocks, self.site_context = backbone, blocks, context
+        # a submodule, so the strategy moves it to each rank's device with the backbone
+        self.context = None if context is None or not context.conditions_blocks else context.module
 
     def predict_step(self, batch, batch_idx):
-        feats = pooled_block_features(self.backbone, batch["image"], self.blocks)
+        ids = None if self.context is None else self.site_context.cell_types(batch["index"], batch["image"].device)
+        feats = pooled_block_features(self.backbone, batch["image"], self.blocks, self.context, ids)
         return {"rows": batch["index"].cpu().numpy(), "features": [f.float().cpu().numpy() for f in feats]}
 
 
@@ -111,12 +115,20 @@ def _merge(parts_dir: Path, names: list[str], expected: np.ndarray) -> BlockFeat
 
 
 def features_across_ranks(
-    backbone, dm, blocks: list[int] | None, trainer: dict[str, Any], run_dir: Path, source: str, progress: bool
+    backbone,
+    dm,
+    blocks: list[int] | None,
+    trainer: dict[str, Any],
+    run_dir: Path,
+    source: str,
+    progress: bool,
+    context: SiteContext | None = None,
 ) -> BlockFeatures:
     """Every site's pooled features of ``blocks`` (None: all), embedded by the ranks of ``trainer``.
 
     Returns on rank 0 only; other ranks exit once their parts are written. ``source`` names what is
-    embedded (the checkpoint) for the parts record.
+    embedded (the checkpoint) for the parts record; ``context``: the model's cell-type context
+    (:func:`cellrep.eval.features.extract_block_features`).
     """
     names = block_names(backbone)
     wanted = list(range(len(names))) if blocks is None else sorted({int(b) for b in blocks})
@@ -125,6 +137,8 @@ def features_across_ranks(
     parts_dir = Path(run_dir) / PARTS
     parts_dir.mkdir(parents=True, exist_ok=True)
     record = {"source": source, "blocks": wanted_names, "sites": int(len(expected)), "crop": int(dm.crop_size)}
+    if context is not None and context.conditions_blocks:  # only then: parts of runs without one stay valid
+        record["context"] = context.module.mode
     _check_record(parts_dir, record)
     todo = np.setdiff1d(expected, _done_rows(parts_dir))
     log.info(
@@ -136,7 +150,7 @@ def features_across_ranks(
         with warnings.catch_warnings():  # parts are named by their rows, not by Lightning's batch indices
             warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
             runner.predict(
-                _BlockFeatureModule(backbone, None if blocks is None else wanted),
+                _BlockFeatureModule(backbone, None if blocks is None else wanted, context),
                 datamodule=_RowsData(dm, todo),
                 return_predictions=False,
             )

@@ -15,6 +15,10 @@ Exact: a silently half-loaded encoder trains, reports plausible numbers, and
 wastes the pretraining. So every encoder tensor must find its place with its
 shape, and every backbone tensor must come from the checkpoint, except a new
 classifier head. Anything else is an error that names the keys.
+
+A run trained with a cell-type context (``model.context_path``, docs/FEWSHOT.md) also
+saved the context's projection next to its encoder: :func:`load_context` rebuilds it,
+so evaluation embeds the encoder as it was trained (``cellrep.eval.checkpoint``).
 """
 
 from __future__ import annotations
@@ -28,11 +32,16 @@ import torch.nn as nn
 
 from cellrep.errors import CellrepError
 from cellrep.models.backbone import build_backbone
+from cellrep.models.context import CellTypeContext, takes_context_token
 
 # Where each task keeps its encoder in the state dict (its LightningModule attribute path).
 # DINO: the teacher's backbone, the encoder DINO evaluates (cellrep.training.tasks.dino).
 # SimCLR keeps its backbone under backbone. as a supervised run does, so its checkpoints read as one.
 ENCODER_PREFIXES: dict[str, str] = {"supervised": "backbone.", "mae": "mae.encoder.", "dino": "teacher.backbone."}
+# Where each task keeps its cell-type context projection (cellrep.models.context), next to its encoder:
+# DINO evaluates its teacher, so the teacher's projection (the EMA of the student's) goes with it.
+CONTEXT_PREFIXES: dict[str, str] = {"supervised": "context.", "mae": "context.", "dino": "teacher.context."}
+RUN_CONTEXT = "context.csv"  # the table a training run with model.context_path=synthetic wrote (knowledge/inputs.py)
 SHOWN = 8  # keys named per kind of mismatch; the count says how many more
 # torch's own advice in a weights_only refusal is to retry with weights_only=False: not ours to pass on.
 _TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1) ", "(2) ")
@@ -55,6 +64,22 @@ class Checkpoint:
             f"{' or '.join(ENCODER_PREFIXES.values())}; {_named('its keys', sorted(self.state_dict))})",
             fix="use a checkpoint of a task=mae, task=dino, task=simclr or task=supervised run",
         )
+
+    def context_weights(self, setting: str = "ckpt_path") -> dict[str, torch.Tensor]:
+        """The cell-type context projection of the task that wrote it (``proj.weight``, ``proj.bias``), or {}."""
+        task, _ = self.encoder(setting)
+        prefix = CONTEXT_PREFIXES[task]
+        return {k[len(prefix) :]: v for k, v in self.state_dict.items() if k.startswith(prefix + "proj.")}
+
+    def context_table_path(self) -> Path | None:
+        """Where the run's context table is: its ``model.context_path``, or for ``synthetic`` the table
+        the run derived and wrote to its run directory (``<run>/context.csv``, next to ``checkpoints/``)."""
+        path = (self.hparams.get("model") or {}).get("context_path")
+        if not path:
+            return None
+        if str(path) == "synthetic":
+            return self.path.resolve().parent.parent / RUN_CONTEXT
+        return Path(str(path)).expanduser()
 
 
 def _why(exc: Exception) -> str:
@@ -185,3 +210,28 @@ def load_backbone(path: str | Path, setting: str = "ckpt_path") -> tuple[nn.Modu
         )
     backbone.load_state_dict(weights)
     return backbone.eval(), {"model": model, "in_chans": in_chans, "num_classes": num_classes}
+
+
+def load_context(
+    ckpt: Checkpoint, backbone: nn.Module, table: torch.Tensor, setting: str = "ckpt_path"
+) -> CellTypeContext | None:
+    """The checkpoint's trained context projection over ``table`` (T×K, any cell types: the projection
+    does not depend on which rows the table has), in eval mode, or None for a run without a context.
+
+    The mode is the training's (cellrep.models.context): a token for a ViT, FiLM for anything else.
+    """
+    weights = ckpt.context_weights(setting)
+    if not weights:
+        return None
+    mode = "token" if takes_context_token(backbone) else "film"
+    context = CellTypeContext(table, backbone.num_features, mode)
+    problems = fit_problems(weights, context)
+    if problems:
+        raise CellrepError(
+            f"{setting}: the cell-type context projection in {ckpt.path} does not fit a {mode} context over "
+            f"a {tuple(table.shape)} table for its {type(backbone).__name__}:\n    " + "\n    ".join(problems),
+            fix="give the table the run was trained with (model.context_path=<csv>: same columns), "
+            "or evaluate without the context (context=false)",
+        )
+    context.load_state_dict(weights)
+    return context.eval()

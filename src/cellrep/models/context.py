@@ -66,6 +66,14 @@ class CellTypeContext(nn.Module):
         return features * (1 + gamma) + beta
 
 
+def encoder_context(task: nn.Module) -> CellTypeContext | None:
+    """The context that goes with a task's ``probe_backbone()`` (what evaluation and the probes embed
+    with): the task's ``probe_context()`` when its encoder is not its trained module (DINO's teacher),
+    else its ``context``; None for a run without one."""
+    method = getattr(task, "probe_context", None)
+    return method() if callable(method) else getattr(task, "context", None)
+
+
 def token_context(table: torch.Tensor | None, backbone: nn.Module, task: str) -> CellTypeContext | None:
     """The context of a self-supervised task (``task=mae``, ``task=dino``): a token, so a ViT only."""
     if table is None:

@@ -43,7 +43,7 @@ from cellrep.errors import CellrepError
 from cellrep.eval.classification import topk_accuracy
 from cellrep.eval.probe import ProbeSettings, train_probes
 from cellrep.models.checkpoint import classifier_keys, fit_problems, read_checkpoint
-from cellrep.models.context import pooled_features
+from cellrep.models.context import encoder_context, pooled_features
 from cellrep.training.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -166,19 +166,12 @@ def _cell_type_ids(task: nn.Module, dm: CellDataModule) -> torch.Tensor:
     return torch.from_numpy(dm.index["cell_type"].map({c: i for i, c in enumerate(names)}).to_numpy()).long()
 
 
-def task_context(task: nn.Module) -> nn.Module | None:
-    """The cell-type context (a ``models.context.CellTypeContext``) that goes with ``probe_backbone()``:
-    the task's ``probe_context()`` when it has one (a task whose encoder is not its trained module, as
-    DINO's teacher), else its ``context`` attribute; None without a context."""
-    method = getattr(task, "probe_context", None)
-    return method() if callable(method) else getattr(task, "context", None)
-
-
 @torch.inference_mode()
 def encoder_features(task: L.LightningModule, dm: CellDataModule, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows in loader order, pooled features): what the task's classifier would see of each site, so the
-    encoder of ``probe_backbone()`` conditioned on the task's context (:func:`task_context`), when it has one."""
-    encoder, context = task.probe_backbone(), task_context(task)
+    encoder of ``probe_backbone()`` conditioned on the task's context, when it has one
+    (:func:`cellrep.models.context.encoder_context`)."""
+    encoder, context = task.probe_backbone(), encoder_context(task)
     ids = _cell_type_ids(task, dm) if context is not None else None
     device = next(encoder.parameters()).device
     # every rank embeds every row (as BlockProbes does), so under DDP all ranks fit the same probe
@@ -245,8 +238,8 @@ def supervised_config(cfg: DictConfig) -> DictConfig:
 
 def supervised_from_encoder(cfg: DictConfig, pretrained: L.LightningModule, dm: CellDataModule) -> L.LightningModule:
     """A :class:`SupervisedTask` for ``dm``'s classes whose backbone is a copy of ``pretrained``'s encoder
-    (its classifier head new) and whose context projection is the pretrained one (:func:`task_context`),
-    when both have one."""
+    (its classifier head new) and whose context projection is the pretrained one, when both have one
+    (:func:`cellrep.models.context.encoder_context`)."""
     tuned = build_task(supervised_config(cfg), dm)
     weights = pretrained.probe_backbone().state_dict()
     head = classifier_keys(tuned.backbone)
@@ -259,7 +252,7 @@ def supervised_from_encoder(cfg: DictConfig, pretrained: L.LightningModule, dm: 
             fix="the protocol builds both from the same model settings: report this as a bug",
         )
     tuned.backbone.load_state_dict(weights, strict=False)
-    source = task_context(pretrained)
+    source = encoder_context(pretrained)
     if tuned.context is not None and source is not None:
         tuned.context.load_state_dict(source.state_dict())
     elif tuned.context is not None:

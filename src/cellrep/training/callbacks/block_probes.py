@@ -26,7 +26,8 @@ dir>/block_probes.png``). The last evaluation goes into ``metrics.json`` (``summ
 
 **Which module is probed.** The task's ``probe_backbone()`` method returns it: a timm-style module
 with ``forward_intermediates`` and ``feature_info`` (``SupervisedTask``: ``backbone``; ``MAETask``:
-``mae.encoder``). A new task (DINO: its student or teacher encoder) adds the method to be probed. A task
+``mae.encoder``). A new task (DINO: its student or teacher encoder) adds the method to be probed. An
+encoder trained with a cell-type context is probed with it (:func:`probe_context`), as evaluation embeds it. A task
 without it, a module without per-block features (CA-ViT today), a datamodule without a split or a
 split without training or test sites turn the callback off with a warning at fit start: the probes
 are a view of the training, and a run must not fail for them. The curve is kept in the callback's checkpoint state,
@@ -60,9 +61,10 @@ from matplotlib.figure import Figure
 
 from cellrep.data.loading.streams import EvalLoader, EvalStream
 from cellrep.errors import CellrepError
-from cellrep.eval.features import block_names, extract_block_features
+from cellrep.eval.features import SiteContext, block_names, extract_block_features
 from cellrep.eval.probe import ProbeSettings, train_probes
 from cellrep.io import atomic_open
+from cellrep.models.context import encoder_context
 
 log = logging.getLogger(__name__)
 PARTS = ("train", "val", "test")
@@ -83,6 +85,16 @@ def probe_backbone(pl_module: L.LightningModule) -> nn.Module:
     except CellrepError as exc:
         raise CellrepError(exc.problem, fix=f"{exc.fix}, {OFF_FIX}") from None
     return backbone
+
+
+def probe_context(pl_module: L.LightningModule) -> SiteContext | None:
+    """The cell-type context the probed encoder is trained with (docs/FEWSHOT.md), so its blocks are probed
+    as it embeds (:func:`cellrep.models.context.encoder_context`: DINO's is its teacher's), each site's
+    cell type from the task's ``group_of_index``."""
+    context = encoder_context(pl_module)
+    if context is None:
+        return None
+    return SiteContext(context, pl_module.group_of_index)
 
 
 def block_curves(history: pd.DataFrame) -> np.ndarray:
@@ -246,7 +258,9 @@ class BlockProbes(L.Callback):
         try:
             with torch.random.fork_rng(devices=rng_devices):
                 with trainer.strategy.precision_plugin.forward_context():
-                    feats = extract_block_features(backbone, self._loader, None, device, progress=False)
+                    feats = extract_block_features(
+                        backbone, self._loader, None, device, progress=False, context=probe_context(pl_module)
+                    )
                 if not trainer.is_global_zero:
                     return None, None
                 sites = trainer.datamodule.index.iloc[feats.rows]

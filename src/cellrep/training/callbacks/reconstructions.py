@@ -56,7 +56,7 @@ def reconstruction_grid(target: torch.Tensor, reconstruction: torch.Tensor, mask
 class ReconstructionImages(L.Callback):
     """Logs :func:`reconstruction_grid` of the current batch every ``every_n_steps`` optimizer steps.
 
-    Does nothing for modules without a ``reconstruct(images, generator)`` method,
+    Does nothing for modules without a ``reconstruct(images, generator, index)`` method,
     so it is safe in a callback list shared by every task.
     """
 
@@ -76,7 +76,11 @@ class ReconstructionImages(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            out = pl_module.reconstruct(images, generator=generator)
+            # the batch's rows pick each image's cell-type context token, so an MAE trained with one is drawn with it
+            index = batch.get("index")
+            out = pl_module.reconstruct(
+                images, generator=generator, index=None if index is None else index[: self.num_images]
+            )
         finally:
             pl_module.train(was_training)
         self._publish(trainer, reconstruction_grid(out["target"], out["reconstruction"], out["mask"]), step)

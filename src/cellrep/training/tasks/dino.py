@@ -214,6 +214,10 @@ class DINOTask(L.LightningModule):
         """The teacher's backbone, the encoder DINO evaluates (``callbacks.block_probes``)."""
         return self.teacher.backbone
 
+    def probe_context(self) -> Optional[nn.Module]:
+        """The teacher's cell-type context projection, the one that goes with :meth:`probe_backbone`."""
+        return self.teacher.context
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # no stochastic depth in the targets
