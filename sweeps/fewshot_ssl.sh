@@ -6,6 +6,8 @@
 #   sweeps/fewshot_ssl.sh                          # k = 1: 60 runs
 #   K="1 5" sweeps/fewshot_ssl.sh                  # k = 1 and k = 5: 120 runs
 #   METHODS=mae SEEDS=0,1 sweeps/fewshot_ssl.sh    # fewer arms; extra arguments go to every run
+#   SHUFFLED_GRAPH=0 sweeps/fewshot_ssl.sh         # + the control: the graph prior on a graph whose genes trade
+#                                                  #   names (task.graph_shuffle_seed=0), no context
 #
 # Per k and context arm one multirun, all of them at once, one thread each (tiny models train faster on one
 # thread; two context arms fill two cores). They live in $CELLREP_ROOT/outputs/fewshot_ssl/${RUN_NAME}_k<k>/
@@ -16,6 +18,7 @@ set -euo pipefail
 K=${K:-1}
 METHODS=${METHODS:-mae,dino,simclr}
 SEEDS=${SEEDS:-0,1,2,3,4}
+SHUFFLED_GRAPH=${SHUFFLED_GRAPH:-}
 RUN_NAME=${RUN_NAME:-fewshot_ssl}
 root=${CELLREP_ROOT:-.}/outputs/fewshot_ssl
 pids=()
@@ -29,6 +32,15 @@ for k in $K; do
       run_name="${RUN_NAME}_k${k}_$context" hydra.sweep.dir="$dir" "$@" >"$dir.log" 2>&1 &
     pids+=($!)
   done
+  if [[ -n $SHUFFLED_GRAPH ]]; then
+    dir=$root/${RUN_NAME}_k$k/shuffled_graph_$SHUFFLED_GRAPH
+    mkdir -p "$dir"
+    echo "k=$k, shuffled-graph control: $dir (log $dir.log)"
+    OMP_NUM_THREADS=1 cellrep-train -m experiment=kg_ssl seed="$SEEDS" fewshot_method="$METHODS" \
+      task.graph_loss=graph_contrastive task.graph_shuffle_seed="$SHUFFLED_GRAPH" model.context_path=null \
+      split.shots="$k" run_name="${RUN_NAME}_k${k}_shuffled" hydra.sweep.dir="$dir" "$@" >"$dir.log" 2>&1 &
+    pids+=($!)
+  fi
 done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done

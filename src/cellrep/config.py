@@ -265,6 +265,8 @@ class GraphPriorConfig(FewShotProtocolConfig):
     graph_temperature: float = 0.1
     graph_path: str = "StringDB"  # a shipped annotation name, or a STRING / Hetionet / entity1,entity2 file
     graph_nodes: Optional[str] = None  # node table mapping ids to symbols (Hetionet nodes.tsv, STRING protein.info)
+    # the shuffled-graph control: the dataset's genes trade names by this seed's permutation (docs/FEWSHOT.md)
+    graph_shuffle_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

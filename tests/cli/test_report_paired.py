@@ -101,3 +101,21 @@ def test_multiruns_side_by_side_are_summarized_together(tmp_path):
     rows = {r["setting"]["model.context_path"]: r for r in paired(jobs)}
     assert rows["synthetic"]["linear/acc"]["mean"] == pytest.approx(0.05) and rows["null"]["linear/acc"]["mean"] == 0
     assert rows["synthetic"]["linear/acc"]["helped"] == 2 and rows["null"]["linear/acc"]["helped"] == 0
+
+
+def test_a_shuffled_graph_control_is_paired_with_none_and_with_the_real_graph(tmp_path):
+    arms = {"none": 0.0, "graph_contrastive": 0.10, "shuffled": 0.04}  # planted gains over none
+    num = 0
+    for s in SEEDS:
+        for arm, gain in arms.items():
+            overrides = [f"seed={s}", f"task.graph_loss={'none' if arm == 'none' else 'graph_contrastive'}"]
+            overrides += ["task.graph_shuffle_seed=0"] if arm == "shuffled" else []
+            job(tmp_path / ("control" if arm == "shuffled" else "main"), num, overrides, **{"test/acc": BASE[s] + gain})
+            num += 1
+    rows = {(r["level"], r["baseline"]): r["test/acc"]["mean"] for r in paired(collect(tmp_path))}
+    shuffled = "graph_contrastive, graph_shuffle_seed=0"
+    assert rows == {
+        ("graph_contrastive", "none"): pytest.approx(0.10),
+        (shuffled, "none"): pytest.approx(0.04),
+        ("graph_contrastive", shuffled): pytest.approx(0.06),
+    }

@@ -111,3 +111,44 @@ def test_bad_scores_and_missing_files_and_bad_node_tables_are_clear(tmp_path):
     nodes = write(tmp_path / "nodes.tsv", "gene\tlabel\nA\tX\n")
     with pytest.raises(CellrepError, match="id column"):
         load_graph(good, nodes=nodes)
+
+
+def test_shuffled_graph_keeps_edges_and_degrees_but_connects_other_genes(tmp_path):
+    genes = [f"G{i}" for i in range(12)]
+    cliques = [genes[i : i + 4] for i in (0, 4, 8)]  # 3 cliques of 4: 18 edges
+    lines = [f"{a},{b}" for c in cliques for i, a in enumerate(c) for b in c[i + 1 :]]
+    path = write(tmp_path / "pairs.csv", "entity1,entity2\n" + "\n".join(lines) + "\n")
+    perts = [*genes, "G0_guide_2", "OFFGRAPH"]  # a second guide of G0 and a gene outside the graph
+    true = perturbation_graph(load_graph(path), perts)
+    shuffled = perturbation_graph(load_graph(path), perts, shuffle_seed=0)
+    assert shuffled.num_edges == true.num_edges
+    degree = lambda w: sorted((w[:12] > 0).sum(1))  # noqa: E731
+    assert degree(shuffled.weights) == degree(true.weights)
+    assert (shuffled.weights[12] == shuffled.weights[0]).sum() == len(perts) - 2  # the guide moves with its gene
+    assert shuffled.weights[0, 12] == 1.0 and shuffled.weights[13].sum() == 0  # off-graph stays unconnected
+    kept = np.count_nonzero(np.triu((true.weights > 0) & (shuffled.weights > 0), 1))
+    assert kept < true.num_edges / 2  # most edges now join genes of different cliques
+    again = perturbation_graph(load_graph(path), perts, shuffle_seed=0).weights
+    np.testing.assert_array_equal(again, shuffled.weights)
+    other = perturbation_graph(load_graph(path), perts, shuffle_seed=1).weights
+    assert not np.array_equal(other, shuffled.weights)
+
+
+def test_graph_inputs_report_the_shuffled_control(tmp_path):
+    from omegaconf import OmegaConf
+
+    from cellrep.knowledge.inputs import graph_inputs
+
+    path = write(tmp_path / "pairs.csv", "entity1,entity2\nA,B\nC,D\nE,F\nG,H\n")
+    task = OmegaConf.create(
+        {"graph_loss": "graph_contrastive", "graph_weight": 0.1, "graph_temperature": 0.1, "graph_path": str(path)}
+    )
+    perts = list("ABCDEFGH")
+    kwargs, report = graph_inputs(task, perts)
+    assert report["graph_edges"] == 4 and "graph_shuffle_seed" not in report
+    task.graph_shuffle_seed = 3
+    shuffled_kwargs, shuffled = graph_inputs(task, perts)
+    assert shuffled["graph_shuffle_seed"] == 3 and shuffled["graph_edges"] == 4
+    true_pairs = kwargs["graph_weights"] > 0
+    kept = int((true_pairs & (shuffled_kwargs["graph_weights"] > 0)).triu(1).sum())
+    assert shuffled["graph_true_edges_kept"] == kept < 4

@@ -6,9 +6,11 @@ import cellrep  # noqa: F401  (torchvision compat before timm)
 
 # isort: split
 import os
+import pickle
 import time
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
@@ -84,3 +86,19 @@ def test_a_restarted_run_removes_what_a_killed_save_left(tmp_path, one_torch_thr
     assert seen_at_start == {"stale": False}
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"]
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+class _Payload:  # a pickled object in a checkpoint: what weights_only=True refuses to build
+    pass
+
+
+def test_loads_refuse_pickled_objects_unless_asked(tmp_path):
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "extra": _Payload()}, path)
+    safe = tmp_path / "safe.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hparams": {"lr": 0.1}}, safe)
+    io = AtomicCheckpointIO()
+    assert io.load_checkpoint(safe)["hparams"] == {"lr": 0.1}
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        io.load_checkpoint(path)
+    assert isinstance(io.load_checkpoint(path, weights_only=False)["extra"], _Payload)

@@ -6,7 +6,8 @@ A run prints :func:`run_report`. A multirun's jobs are scanned by one function, 
 side by side; ``FewShotSummary`` (``experiment=kg_fewshot``, ``kg_ssl``) groups jobs by their overrides
 minus ``seed`` and writes mean ± sample std (ddof=1) over seeds of the zero-shot, linear-probe and
 fine-tuned accuracies, then the paired differences graph − none (:func:`paired`: per setting, the
-two arms that differ only in ``task.graph_loss``, matched by seed), to ``summary.md`` and
+two arms that differ only in ``task.graph_loss``, matched by seed; a shuffled-graph control,
+``task.graph_shuffle_seed``, is compared with both), to ``summary.md`` and
 ``summary.json`` (docs/FEWSHOT.md). Afterwards::
 
     python -m cellrep.cli.report <sweep dir>
@@ -37,6 +38,9 @@ METRICS = (
 )
 IGNORED = ("seed", "run_name", "hydra.verbose")
 PAIRED = ("task.graph_loss", "none")  # the factor whose levels are compared with its baseline, seed by seed
+# controls of the factor: a job that sets one is a level of its own ("graph_contrastive, graph_shuffle_seed=0"),
+# compared with the baseline and with the same level without the control (real − shuffled)
+CONTROLS = ("task.graph_shuffle_seed",)
 
 
 def run_report(metrics: dict[str, Any]) -> str:
@@ -145,18 +149,26 @@ def paired(
     seeds and ``helped``, the seeds where the difference is positive."""
     name, baseline = factor
     arms: dict[tuple, dict[str, dict[str, dict[str, Any]]]] = {}
+    controlled: dict[str, str] = {}  # a control level → the level it controls
     for overrides, values in jobs:
         level, seed = _arm_value(overrides, values, name), _arm_value(overrides, values, "seed")
-        if level is not None and seed is not None:
-            arms.setdefault(_setting(overrides, drop=(name,)), {}).setdefault(level, {})[seed] = values
+        if level is None or seed is None:
+            continue
+        controls = [f"{k.split('.')[-1]}={overrides[k]}" for k in CONTROLS if k in overrides]
+        if controls and level != baseline:
+            controlled[f"{level}, {', '.join(controls)}"] = level
+            level = f"{level}, {', '.join(controls)}"
+        arms.setdefault(_setting(overrides, drop=(name, *CONTROLS)), {}).setdefault(level, {})[seed] = values
     rows = []
     for key, levels in sorted(arms.items()):
-        base = levels.get(baseline, {})
-        for level, by_seed in sorted(levels.items()):
+        comparisons = [(level, baseline) for level in sorted(levels) if level != baseline]
+        comparisons += [(controlled[c], c) for c in sorted(levels) if c in controlled]
+        for level, base_level in comparisons:
+            by_seed, base = levels.get(level, {}), levels.get(base_level, {})
             seeds = sorted(set(base) & set(by_seed), key=lambda s: (len(s), s))
-            if level == baseline or not seeds:
+            if not seeds:
                 continue
-            row: dict[str, Any] = {"setting": dict(key), "level": level, "baseline": baseline, "seeds": seeds}
+            row: dict[str, Any] = {"setting": dict(key), "level": level, "baseline": base_level, "seeds": seeds}
             for m in metrics:
                 both = [s for s in seeds if by_seed[s].get(m) is not None and base[s].get(m) is not None]
                 if both:
@@ -208,7 +220,7 @@ def write_summary(sweep_dir: Path) -> str:
     name, baseline = PAIRED
     text = markdown(rows)
     if pairs:
-        text += f"\n\nPaired by seed, {name}: each level − {baseline} (mean ± std over seeds):\n\n"
+        text += f"\n\nPaired by seed, {name}: each level − {baseline}, and a level − its control (real − shuffled graph) (mean ± std over seeds):\n\n"
         text += markdown_paired(pairs)
     atomic_write_json(Path(sweep_dir) / "summary.json", {"settings": rows, "paired": pairs})
     atomic_write_text(Path(sweep_dir) / "summary.md", text + "\n")

@@ -228,8 +228,15 @@ def load_graph(
     return GeneGraph(edges=edges, nodes=frozenset(n for n in nodes_set if n), source=str(path), format=fmt)
 
 
-def perturbation_graph(graph: GeneGraph, perturbations: Sequence[str]) -> PerturbationGraph:
-    """The symmetric P×P weight matrix of ``graph`` over ``perturbations`` (in that order)."""
+def perturbation_graph(
+    graph: GeneGraph, perturbations: Sequence[str], shuffle_seed: int | None = None
+) -> PerturbationGraph:
+    """The symmetric P×P weight matrix of ``graph`` over ``perturbations`` (in that order).
+
+    ``shuffle_seed`` builds the control "any grouping of the labels would do": the genes of the
+    dataset that are nodes of the graph trade names by a random permutation, so the matrix keeps the
+    graph's edges and degrees among them but connects the wrong genes (guides of one gene stay together).
+    """
     names = [str(p) for p in perturbations]
     symbols = strip_guide_suffix(pd.Series(names, dtype=str)).to_list()
     present = np.array([s in graph.nodes for s in symbols], dtype=bool)
@@ -237,6 +244,10 @@ def perturbation_graph(graph: GeneGraph, perturbations: Sequence[str]) -> Pertur
     for i, s in enumerate(symbols):
         if present[i]:
             rows_of.setdefault(s, []).append(i)
+    if shuffle_seed is not None:
+        genes = sorted(rows_of)
+        order = np.random.default_rng(shuffle_seed).permutation(len(genes))
+        rows_of = {genes[k]: rows_of[genes[i]] for i, k in enumerate(order)}
     weights = np.zeros((len(names), len(names)), dtype=np.float64)
     wanted = graph.edges[graph.edges["gene_a"].isin(rows_of) & graph.edges["gene_b"].isin(rows_of)]
     for a, b, w in wanted.itertuples(index=False):

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,7 +23,8 @@ def graph_inputs(task_cfg: DictConfig, class_names: Sequence[str]) -> tuple[dict
     if name == "none":
         return {}, {}
     graph = load_graph(task_cfg.graph_path, task_cfg.get("graph_nodes"))
-    pg = perturbation_graph(graph, class_names)
+    shuffle_seed = task_cfg.get("graph_shuffle_seed")
+    pg = perturbation_graph(graph, class_names, shuffle_seed=shuffle_seed)
     if pg.num_edges == 0:
         raise CellrepError(
             f"task.graph_loss={name}: the graph {graph.source} has no edge between two of this "
@@ -44,6 +46,16 @@ def graph_inputs(task_cfg: DictConfig, class_names: Sequence[str]) -> tuple[dict
         "graph_perturbations_absent": len(pg.missing),
         "graph_absent": pg.missing,
     }
+    if shuffle_seed is not None:  # the control: how many of the true edges the permutation kept
+        true = perturbation_graph(graph, class_names).weights > 0
+        report["graph_shuffle_seed"] = int(shuffle_seed)
+        report["graph_true_edges_kept"] = int(np.count_nonzero(np.triu(true & (pg.weights > 0), 1)))
+        log.info(
+            "graph prior on a shuffled graph (seed %d): %d of its %d edges are true ones",
+            shuffle_seed,
+            report["graph_true_edges_kept"],
+            pg.num_edges,
+        )
     return kwargs, report
 
 

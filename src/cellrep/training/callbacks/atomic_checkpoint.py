@@ -111,12 +111,18 @@ def remove_stale_temp_files(dirpath: Path | str, stale_after_s: float = STALE_AF
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose saves are temp file + fsync + os.replace (local paths)."""
+    """TorchCheckpointIO whose saves are temp file + fsync + os.replace (local paths), and whose loads
+    (resume, ``trainer.test(ckpt_path=...)``) never unpickle code: ``weights_only=True`` unless asked otherwise."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if "://" in str(path):  # remote filesystems: Lightning's own writer
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, *args: Any, weights_only: Optional[bool] = None, **kwargs: Any) -> dict[str, Any]:
+        return super().load_checkpoint(
+            path, *args, weights_only=True if weights_only is None else weights_only, **kwargs
+        )
 
 
 class LastCheckpoint(ModelCheckpoint):
