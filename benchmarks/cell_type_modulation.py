@@ -26,9 +26,6 @@ import numpy as np
 from _common import machine, table
 
 import cellrep.data.sources.synthetic as synthetic
-from cellrep.annotations import load_pairs
-from cellrep.data.sources import synthetic_modules as planted
-from cellrep.data.sources.synthetic_cells import num_parameters, phenotype_weights
 
 # conf/experiment/kg_fewshot.yaml's screen
 KG_FEWSHOT = dict(
@@ -54,18 +51,9 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 def measure(strength: float, seed: int) -> dict[str, float]:
     spec = synthetic.SyntheticScreenSpec(**KG_FEWSHOT, seed=seed, cell_type_modulation=strength)
-    channels = len(spec.channel_names)
-    params = num_parameters(channels)
-    bio = planted.plan_biology(
-        spec,
-        load_pairs(spec.annotation_source),
-        params,
-        synthetic._rng(spec.seed, "biology"),
-        phenotype_weights(channels),
-    )
-    sites = synthetic._layout(spec, bio)
-    transforms = synthetic.cell_type_transforms(spec)
-    z = np.stack([synthetic._site_morphology(spec, bio, r, params, transforms) for r in sites.itertuples(index=False)])
+    planned = synthetic.plan_screen(spec)
+    bio, sites, transforms = planned.biology, planned.sites, planned.transforms
+    z = synthetic.latent_morphology(spec, planned)
     types, genes = spec.cell_types, bio.genes
     of_type = {c: (sites.cell_type == c).to_numpy() for c in types}
     control = (sites.perturbation_type == "control").to_numpy()
@@ -108,7 +96,10 @@ def main() -> None:
     for m in args.strengths:
         runs = [measure(m, s) for s in range(args.seeds)]
         header = ["m", *runs[0]]
-        cells = [f"{np.mean([r[k] for r in runs]):.2f} ± {np.std([r[k] for r in runs], ddof=1):.2f}" for k in runs[0]]
+        ddof = 1 if len(runs) > 1 else 0  # one seed: no spread, shown as 0
+        cells = [
+            f"{np.mean([r[k] for r in runs]):.2f} ± {np.std([r[k] for r in runs], ddof=ddof):.2f}" for k in runs[0]
+        ]
         rows.append([f"{m:g}", *cells])
     print(f"{machine()}; mean ± std over screen seeds 0–{args.seeds - 1}\n")
     print(table(header, rows))

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 import cellrep.data.sources.synthetic as synthetic
-from cellrep.annotations import load_pairs
 from cellrep.config import to_schema
 from cellrep.data.sources import synthetic_modules as planted
 from cellrep.data.sources.synthetic import SyntheticScreenSpec, cell_type_transforms, generate_screen, spec_fingerprint
-from cellrep.data.sources.synthetic_cells import morphology_mask, num_parameters, phenotype_weights
+from cellrep.data.sources.synthetic_cells import morphology_mask
 from cellrep.errors import CellrepError
 
 # As tests/data/sources/test_synthetic.py's SMALL: 2 cell types × 2 experiments × 2 plates, 72 sites.
@@ -41,22 +40,11 @@ FOUR_TYPES = ("HUVEC", "RPE", "HepG2", "U2OS")
 
 
 def _biology(spec: SyntheticScreenSpec) -> planted.Biology:
-    channels = len(spec.channel_names)
-    return planted.plan_biology(
-        spec,
-        load_pairs(spec.annotation_source),
-        num_parameters(channels),
-        synthetic._rng(spec.seed, "biology"),
-        phenotype_weights(channels),
-    )
+    return synthetic.plan_screen(spec).biology
 
 
 def _site_z(spec: SyntheticScreenSpec) -> np.ndarray:
-    biology = _biology(spec)
-    transforms = cell_type_transforms(spec)
-    rows = synthetic._layout(spec, biology).itertuples(index=False)
-    p = num_parameters(len(spec.channel_names))
-    return np.stack([synthetic._site_morphology(spec, biology, row, p, transforms) for row in rows])
+    return synthetic.latent_morphology(spec, synthetic.plan_screen(spec))
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -77,7 +65,7 @@ def test_modulation_changes_treated_sites_only(tmp_path):
     every treated site changes."""
     spec_off, spec_on = SyntheticScreenSpec(**SMALL), SyntheticScreenSpec(**SMALL, cell_type_modulation=0.8)
     z_off, z_on = _site_z(spec_off), _site_z(spec_on)
-    table = synthetic._layout(spec_on, _biology(spec_on))
+    table = synthetic.plan_screen(spec_on).sites
     control = (table["perturbation_type"] == "control").to_numpy()
     assert np.array_equal(z_off[control], z_on[control])
     assert (np.abs(z_off[~control] - z_on[~control]).max(axis=1) > 1e-3).all()  # a low dose changes little

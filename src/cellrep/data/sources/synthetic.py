@@ -469,6 +469,35 @@ def _site_morphology(
     return z
 
 
+@dataclass(frozen=True)
+class PlannedScreen:
+    """A screen before any pixel: its biology, one row per site, and each cell type's effect transform."""
+
+    biology: planted.Biology
+    sites: pd.DataFrame
+    transforms: dict[str, np.ndarray | None]
+
+
+def plan_screen(spec: SyntheticScreenSpec) -> PlannedScreen:
+    """What :func:`generate_screen` renders, without rendering it (benchmarks and tests read the planted truth)."""
+    num_channels = len(spec.channel_names)
+    biology = planted.plan_biology(
+        spec,
+        load_pairs(spec.annotation_source),
+        num_parameters(num_channels),
+        _rng(spec.seed, "biology"),
+        phenotype_weights(num_channels),
+    )
+    return PlannedScreen(biology, _layout(spec, biology), cell_type_transforms(spec))
+
+
+def latent_morphology(spec: SyntheticScreenSpec, planned: PlannedScreen) -> np.ndarray:
+    """Sites × parameters: the latent morphology z each site's image is rendered from, in ``planned.sites`` order."""
+    num_params = num_parameters(len(spec.channel_names))
+    rows = planned.sites.itertuples(index=False)
+    return np.stack([_site_morphology(spec, planned.biology, r, num_params, planned.transforms) for r in rows])
+
+
 def _write_tables(out: Path, spec: SyntheticScreenSpec, biology: planted.Biology, table: pd.DataFrame) -> None:
     table.to_csv(out / "metadata.csv", index=False)
     biology.modules_table().to_csv(out / "modules.csv", index=False)
@@ -489,12 +518,8 @@ def generate_screen(spec: SyntheticScreenSpec, out_dir: Path, progress: bool = T
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     num_channels, size = len(spec.channel_names), spec.image_size
-    pairs = load_pairs(spec.annotation_source)
-    biology = planted.plan_biology(
-        spec, pairs, num_parameters(num_channels), _rng(spec.seed, "biology"), phenotype_weights(num_channels)
-    )
-    table = _layout(spec, biology)
-    transforms = cell_type_transforms(spec)
+    planned = plan_screen(spec)
+    biology, table, transforms = planned.biology, planned.sites, planned.transforms
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         acquisitions = {
