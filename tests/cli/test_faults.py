@@ -21,7 +21,7 @@ from cellrep.data.loading.datamodule import CellDataModule
 from cellrep.data.shards.prepare import ensure_shards
 from cellrep.errors import CellrepError
 from cellrep.training.callbacks.atomic_checkpoint import AtomicCheckpointIO
-from cellrep.training.tasks.supervised import NonFiniteLossError
+from cellrep.training.tasks.base import NonFiniteLossError
 
 
 class TinyNet(L.LightningModule):

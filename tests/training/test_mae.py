@@ -16,8 +16,8 @@ from PIL import Image
 from cellrep.cli.train import train
 from cellrep.config import to_schema
 from cellrep.training.callbacks.reconstructions import ReconstructionImages, reconstruction_grid
+from cellrep.training.tasks.base import NonFiniteLossError
 from cellrep.training.tasks.mae import MAETask
-from cellrep.training.tasks.supervised import NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

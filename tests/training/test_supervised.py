@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from cellrep.training.tasks.supervised import NonFiniteLossError, SupervisedTask
+from cellrep.training.tasks.base import NonFiniteLossError
+from cellrep.training.tasks.supervised import SupervisedTask
 
 
 def make_task(num_classes=4):

@@ -35,7 +35,6 @@ import copy
 from contextlib import contextmanager
 from typing import Any, Optional
 
-import lightning as L
 import torch
 import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -47,11 +46,9 @@ from cellrep.models.backbone import build_backbone
 from cellrep.models.context import CellTypeContext, context_tokens, token_context
 from cellrep.models.dino_head import DINOHead
 from cellrep.models.vit import patch_size_of
-from cellrep.training.optim import configure_optimizers
-from cellrep.training.strategy import shard_blocks
 from cellrep.training.tasks import dino_loss as losses_
+from cellrep.training.tasks.base import NonFiniteLossError, Task
 from cellrep.training.tasks.dino_views import random_resized_crops, token_masks
-from cellrep.training.tasks.supervised import NonFiniteLossError
 
 
 def build_dino_backbone(model: dict[str, Any], in_chans: int) -> nn.Module:
@@ -140,7 +137,7 @@ class DINOModel(nn.Module):
         return {"mask_token"}
 
 
-class DINOTask(L.LightningModule):
+class DINOTask(Task):
     """DINO + KoLeo (+ iBOT) self-distillation of a ViT / CA-ViT; the teacher is the encoder (module docstring)."""
 
     def __init__(
@@ -196,9 +193,7 @@ class DINOTask(L.LightningModule):
         self.teacher = copy.deepcopy(self.student)  # the context projection too: the teacher averages it
         self.teacher.requires_grad_(False)
         self.centers = losses_.DINOCenters(out_dim, out_dim, center_momentum)
-        if group_of_index is None:
-            group_of_index = torch.zeros(0, dtype=torch.long)
-        self.register_buffer("group_of_index", group_of_index.long(), persistent=False)
+        self.register_groups(group_of_index)
         self._teacher_step = 0  # optimizer steps the teacher has followed
         self._warned_epoch = -1
         if compile:  # per block, in place: keys keep their names
@@ -255,17 +250,6 @@ class DINOTask(L.LightningModule):
             )
         return local
 
-    def _cell_types(self, index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The cell type of each sample at ``index`` (None without a context)."""
-        if self.student.context is None:
-            return None
-        if index is None:
-            raise CellrepError(
-                "this DINO takes a cell-type context token (model.context_path), and the batch has no index",
-                fix="pass index=batch['index'] (every CellDataModule batch has one)",
-            )
-        return self.group_of_index[index]
-
     def forward(
         self,
         images: torch.Tensor,
@@ -276,7 +260,7 @@ class DINOTask(L.LightningModule):
         """(losses, collapse metrics) of one batch. Training (no ``generator``) moves the centers.
         ``index``: the batch's rows of the DataModule index, whose cell types pick the context vectors."""
         h = self.hparams
-        cell_types = self._cell_types(index)
+        cell_types = self.cell_types_at(index, self.student.context)
 
         def crop_types(crops: int) -> Optional[torch.Tensor]:
             # crops are stacked crop-major (every image's first crop, then every image's second, ...)
@@ -422,9 +406,3 @@ class DINOTask(L.LightningModule):
     def _log(self, stage: str, values: dict[str, torch.Tensor], n: int) -> None:
         for name, value in values.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "loss", sync_dist=stage != "train", batch_size=n)
-
-    def configure_model(self):
-        shard_blocks(self)  # trainer=fsdp only
-
-    def configure_optimizers(self):
-        return configure_optimizers(self, self.hparams.optimizer, self.hparams.scheduler)

@@ -15,23 +15,19 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from cellrep.errors import CellrepError
 from cellrep.knowledge.graph_loss import graph_loss, register_graph
 from cellrep.models.backbone import build_backbone
 from cellrep.models.context import token_context
 from cellrep.models.mae import MaskedAutoencoder
 from cellrep.training.callbacks.reconstructions import ReconstructionImages
-from cellrep.training.optim import configure_optimizers
-from cellrep.training.strategy import shard_blocks
+from cellrep.training.tasks.base import NonFiniteLossError, Task
 from cellrep.training.tasks.mae_loss import mae_loss
-from cellrep.training.tasks.supervised import NonFiniteLossError, record_channel_names
 
 
-class MAETask(L.LightningModule):
+class MAETask(Task):
     """MAE with per-patch-normalized masked MSE + Fourier-magnitude loss (see :mod:`cellrep.training.tasks.mae_loss`)."""
 
     def __init__(
@@ -72,9 +68,7 @@ class MAETask(L.LightningModule):
             encoder, in_chans, decoder_dim, decoder_depth, decoder_heads, grad_checkpointing=grad_checkpointing
         )
         self.context = token_context(context_table, encoder, "mae")
-        if group_of_index is None:
-            group_of_index = torch.zeros(0, dtype=torch.long)
-        self.register_buffer("group_of_index", group_of_index.long(), persistent=False)
+        self.register_groups(group_of_index)
         if compile:
             # Per block, in place: the hot path (attention + MLP) gets fused kernels while masking's
             # data-dependent gathers stay eager, and state-dict keys keep their names (no ``_orig_mod.``).
@@ -117,14 +111,8 @@ class MAETask(L.LightningModule):
 
     def _context(self, index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """B×D context tokens of the samples at ``index`` (None without a context)."""
-        if self.context is None:
-            return None
-        if index is None:
-            raise CellrepError(
-                "this MAE takes a cell-type context token (model.context_path), and the batch has no index",
-                fix="pass index=batch['index'] (every CellDataModule batch has one)",
-            )
-        return self.context(self.group_of_index[index])
+        cell_types = self.cell_types_at(index, self.context)
+        return None if cell_types is None else self.context(cell_types)
 
     def on_fit_start(self) -> None:
         enc, dec = (sum(p.numel() for p in m.parameters()) for m in (self.mae.encoder, self.mae.decoder))
@@ -197,12 +185,3 @@ class MAETask(L.LightningModule):
     def probe_backbone(self) -> torch.nn.Module:
         """The encoder, what ``task.init_from`` hands on: ``callbacks.block_probes.BlockProbes`` probes its blocks."""
         return self.mae.encoder
-
-    def setup(self, stage: str) -> None:
-        record_channel_names(self)
-
-    def configure_model(self):
-        shard_blocks(self)  # trainer=fsdp only
-
-    def configure_optimizers(self):
-        return configure_optimizers(self, self.hparams.optimizer, self.hparams.scheduler)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import lightning as L
 import torch
 import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info
@@ -33,12 +32,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from cellrep.knowledge.graph_loss import graph_loss, register_graph
 from cellrep.models.backbone import build_backbone
 from cellrep.models.context import CellTypeContext, pooled_features, takes_context_token
-from cellrep.training.optim import configure_optimizers
-from cellrep.training.strategy import shard_blocks
+from cellrep.training.tasks.base import NonFiniteLossError, Task
 from cellrep.training.tasks.dino_loss import spread
 from cellrep.training.tasks.dino_views import random_resized_crops
 from cellrep.training.tasks.simclr_loss import Projector, nt_xent
-from cellrep.training.tasks.supervised import NonFiniteLossError, record_channel_names
 
 
 def intensity_jitter(
@@ -54,7 +51,7 @@ def intensity_jitter(
     return (images.float() * scale + shift).to(images.dtype)
 
 
-class SimCLRTask(L.LightningModule):
+class SimCLRTask(Task):
     """NT-Xent between two augmented views of each site, on any timm backbone (module docstring).
 
     ``group_of_index`` maps a batch's ``index`` rows to cell-type ids, ``context_table`` holds one
@@ -92,9 +89,7 @@ class SimCLRTask(L.LightningModule):
             **dict(model.get("kwargs") or {}),
         )
         self.projector = Projector(self.backbone.num_features, projector_hidden_dim, projector_dim)
-        if group_of_index is None:
-            group_of_index = torch.zeros(0, dtype=torch.long)
-        self.register_buffer("group_of_index", group_of_index.long(), persistent=False)
+        self.register_groups(group_of_index)
         self.context = None
         if context_table is not None:
             mode = "token" if takes_context_token(self.backbone) else "film"
@@ -118,9 +113,8 @@ class SimCLRTask(L.LightningModule):
         turn the graph prior on, ``index`` picks each site's cell-type context, ``channel_ids`` are the
         channel slots of a channel-sampled batch (data.channel_sampling, CA-ViT)."""
         h, b = self.hparams, images.shape[0]
-        cell_types = None
-        if self.context is not None and index is not None:
-            cell_types = self.group_of_index[index].repeat(2)
+        cell_types = self.cell_types_at(index, self.context)
+        cell_types = None if cell_types is None else cell_types.repeat(2)  # both views of each site
         pooled = pooled_features(self.backbone, self.views(images, generator), self.context, cell_types, channel_ids)
         conditioned = (
             pooled if cell_types is None or self.context.mode != "film" else self.context.film(pooled, cell_types)
@@ -185,12 +179,3 @@ class SimCLRTask(L.LightningModule):
     def probe_backbone(self) -> nn.Module:
         """The encoder (``callbacks.block_probes.BlockProbes`` probes its blocks)."""
         return self.backbone
-
-    def setup(self, stage: str) -> None:
-        record_channel_names(self)
-
-    def configure_model(self):
-        shard_blocks(self)  # trainer=fsdp only
-
-    def configure_optimizers(self):
-        return configure_optimizers(self, self.hparams.optimizer, self.hparams.scheduler)

@@ -4,33 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics
 
-from cellrep.errors import CellrepError
 from cellrep.knowledge.graph_loss import graph_loss, register_graph
 from cellrep.models.backbone import build_backbone
 from cellrep.models.context import CellTypeContext, classify, pooled_features, takes_context_token
-from cellrep.training.optim import configure_optimizers
-from cellrep.training.strategy import shard_blocks
+from cellrep.training.tasks.base import NonFiniteLossError, Task
 
 
-class NonFiniteLossError(CellrepError):
-    pass
-
-
-def record_channel_names(task: L.LightningModule) -> None:
-    """Checkpoints record the training data's channel names, so evaluation can map another screen's
-    channels onto a channel-agnostic model's channel slots by name (cellrep.eval.channels)."""
-    names = getattr(getattr(task, "_trainer", None) and task.trainer.datamodule, "channel_names", None)
-    if names:
-        task.hparams["channel_names"] = [str(n) for n in names]
-
-
-class SupervisedTask(L.LightningModule):
+class SupervisedTask(Task):
     """Softmax cross-entropy over perturbation classes on a timm backbone.
 
     Batches are dicts with ``image`` (B×C×H×W float), ``label`` (B int64) and
@@ -82,24 +67,19 @@ class SupervisedTask(L.LightningModule):
         self.test_acc_top10 = metrics(min(10, num_classes))  # the de novo protocol reports top-1/5/10
         self.group_names = list(group_names or [])
         self.test_acc_by_group = nn.ModuleList(metrics(1) for _ in self.group_names)
-        if group_of_index is None:
-            group_of_index = torch.zeros(0, dtype=torch.long)
-        self.register_buffer("group_of_index", group_of_index.long(), persistent=False)
+        self.register_groups(group_of_index)
         self.context = None
         if context_table is not None:
             mode = "token" if takes_context_token(self.backbone) else "film"
             self.context = CellTypeContext(context_table, self.backbone.num_features, mode)
         register_graph(self, graph_loss, graph_weights, graph_present)
 
-    def _cell_types(self, index: torch.Tensor | None) -> torch.Tensor | None:
-        return None if self.context is None or index is None else self.group_of_index[index]
-
     def features_and_logits(
         self, images: torch.Tensor, index: torch.Tensor | None = None, channel_ids: torch.Tensor | None = None
     ):
         """Pooled backbone features (what the graph loss sees) and class logits; ``channel_ids``: the
         channel slots of a channel-sampled batch (data.channel_sampling, CA-ViT)."""
-        cell_types = self._cell_types(index)
+        cell_types = self.cell_types_at(index, self.context)
         features = pooled_features(self.backbone, images, self.context, cell_types, channel_ids)
         return features, classify(self.backbone, features, self.context, cell_types)
 
@@ -170,12 +150,3 @@ class SupervisedTask(L.LightningModule):
     def probe_backbone(self) -> nn.Module:
         """The timm module whose blocks ``callbacks.block_probes.BlockProbes`` probes (every task has one)."""
         return self.backbone
-
-    def setup(self, stage: str) -> None:
-        record_channel_names(self)
-
-    def configure_model(self):
-        shard_blocks(self)  # trainer=fsdp only
-
-    def configure_optimizers(self):
-        return configure_optimizers(self, self.hparams.optimizer, self.hparams.scheduler)
