@@ -28,8 +28,11 @@ format:
 	ruff check --fix .
 	ruff format .
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist; one file stays on one process, so its
+# module fixtures are built once); each test runs on one OpenMP thread (tests/conftest.py). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 test: install lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # CPU benchmarks (docs/PERFORMANCE.md, issue 7): prints the tables of docs/PERFORMANCE.md. Target: < 10 min on an
 # idle 2-core machine; measured 5.6 min at load 3-6 on 2 shared cores (4 min CPU time), per-script
