@@ -60,6 +60,20 @@ def train_dir(method: str, seed: int, tag: str) -> Path:
     return Path("outputs") / task / "runs" / f"pretrain{tag}_{method}_s{seed}"
 
 
+def probe_curve(run_dir: Path) -> dict[int, float]:
+    """The block-probe callback's best held-out top-1 at each probed epoch (its own probe subset, so lower
+    than cellrep-eval's probe): how accuracy grows with training steps."""
+    path = run_dir / "csv" / "metrics.csv"
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if "probe/best_acc" not in frame:
+        return {}
+    probes = frame.dropna(subset=["probe/best_acc"])[["step", "probe/best_acc"]].sort_values("step")
+    epochs = frame.dropna(subset=["epoch"])[["step", "epoch"]].sort_values("step")
+    # the probe rows carry a step only: the epoch is that of the last row logged before them
+    probes = pd.merge_asof(probes, epochs, on="step", allow_exact_matches=False)
+    return {int(e) + 1: float(a) for e, a in zip(probes["epoch"], probes["probe/best_acc"])}
+
+
 def evaluate(
     method: str, seed: int, epochs: int, overrides: list[str], extra: dict[str, list[str]], tag: str
 ) -> dict[str, float]:
@@ -78,6 +92,7 @@ def evaluate(
     best = m["probe"]["best_block"]  # chosen on validation rows
     recall = m["benchmarks"]["tvn"]["recall"][SOURCE]
     return {
+        **{f"epoch {e}": acc for e, acc in probe_curve(run_dir).items()},
         "best-block probe": float(probes.loc[best, "test_acc"]),
         "last-block probe": float(probes["test_acc"].iloc[-1]),
         "best-block kNN": float(probes.loc[best, "knn_top1"]),
@@ -102,7 +117,10 @@ def main() -> None:
         method, _, override = item.partition(":")
         extra.setdefault(method, []).append(override)
     tag = f"_{args.tag}" if args.tag else ""
-    rows = {m: [evaluate(m, s, args.epochs, args.overrides, extra, tag) for s in args.seeds] for m in args.methods}
+    results = {m: [evaluate(m, s, args.epochs, args.overrides, extra, tag) for s in args.seeds] for m in args.methods}
+    # the in-training probe curve goes to a table of its own; random initialization has none
+    curves = {m: [{k: v for k, v in r.items() if k.startswith("epoch ")} for r in rs] for m, rs in results.items()}
+    rows = {m: [{k: v for k, v in r.items() if not k.startswith("epoch ")} for r in rs] for m, rs in results.items()}
     keys = list(next(iter(rows.values()))[0])
 
     def cell(values: list[float]) -> str:
@@ -111,6 +129,12 @@ def main() -> None:
 
     print(f"\n{machine()}; seeds {args.seeds}; {args.epochs} epochs; mean ± std (ddof=1) over seeds\n")
     print(table(["method", *keys], [[meth, *[cell([r[k] for r in rs]) for k in keys]] for meth, rs in rows.items()]))
+    epochs = sorted({k for cs in curves.values() for c in cs for k in c}, key=lambda k: int(k.split()[1]))
+    if epochs:
+        print("\nbest-block held-out top-1 of the in-training block probes (callbacks.block_probes) after each epoch\n")
+        lines = [[m, *[cell([c[k] for c in cs if k in c]) if any(k in c for c in cs) else "" for k in epochs]]
+                 for m, cs in curves.items() if any(cs)]  # fmt: skip
+        print(table(["method", *epochs], lines))
     if "random" in rows:
         print("\npaired gain over random initialization (same seed), mean ± std; holds: mean > 2 × std\n")
         out = []
