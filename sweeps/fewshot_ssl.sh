@@ -6,6 +6,7 @@
 #   sweeps/fewshot_ssl.sh                          # k = 1: 60 runs
 #   K="1 5" sweeps/fewshot_ssl.sh                  # k = 1 and k = 5: 120 runs
 #   METHODS=mae SEEDS=0,1 sweeps/fewshot_ssl.sh    # fewer arms; extra arguments go to every run
+#   K=5 CONTEXTS=null sweeps/fewshot_ssl.sh        # five shots, the no-context arm only
 #   SHUFFLED_GRAPH=0 sweeps/fewshot_ssl.sh         # + the control: the graph prior on a graph whose genes trade
 #                                                  #   names (task.graph_shuffle_seed=0), no context
 #
@@ -19,11 +20,12 @@ K=${K:-1}
 METHODS=${METHODS:-mae,dino,simclr}
 SEEDS=${SEEDS:-0,1,2,3,4}
 SHUFFLED_GRAPH=${SHUFFLED_GRAPH:-}
+CONTEXTS=${CONTEXTS:-null synthetic}
 RUN_NAME=${RUN_NAME:-fewshot_ssl}
 root=${CELLREP_ROOT:-.}/outputs/fewshot_ssl
 pids=()
 for k in $K; do
-  for context in null synthetic; do
+  for context in $CONTEXTS; do
     dir=$root/${RUN_NAME}_k$k/context_$context
     mkdir -p "$dir"
     echo "k=$k, context=$context: $dir (log $dir.log)"
