@@ -13,3 +13,10 @@ def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def at_least(key: str, value: float, least: float) -> None:
     if value < least:
         raise CellrepError(f"{key}={value} is below {least}", fix=f"use {key} >= {least}")
+
+
+def fraction_range(key: str, value) -> None:
+    """``value`` is a range [low, high] with 0 < low <= high <= 1 (crop scales, mask ratios)."""
+    lo_hi = list(value)
+    if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
+        raise CellrepError(f"{key}={lo_hi} is not a range [low, high] inside (0, 1]", fix="e.g. [0.32, 1.0]")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cellrep.config.checks import at_least, one_of
+from cellrep.config.checks import at_least, fraction_range, one_of
 from cellrep.errors import CellrepError
 
 
@@ -193,11 +193,7 @@ class DINOTaskConfig(GraphPriorConfig):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise CellrepError(f"task.{key}={getattr(self, key)} is not in [0, 1]", fix="e.g. 0.992, 1.0, 0.9, 0.5")
         for key in ("global_crops_scale", "local_crops_scale", "ibot_mask_ratio"):
-            lo_hi = list(getattr(self, key))
-            if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
-                raise CellrepError(
-                    f"task.{key}={lo_hi} is not a range [low, high] inside (0, 1]", fix="e.g. [0.32, 1.0]"
-                )
+            fraction_range(f"task.{key}", getattr(self, key))
 
 
 @dataclass
@@ -228,11 +224,7 @@ class SimCLRTaskConfig(GraphPriorConfig):
         if self.temperature <= 0:
             raise CellrepError(f"task.temperature={self.temperature} must be positive", fix="SimCLR: 0.1")
         at_least("task.intensity_jitter", self.intensity_jitter, 0.0)
-        lo_hi = list(self.crops_scale)
-        if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
-            raise CellrepError(
-                f"task.crops_scale={lo_hi} is not a range [low, high] inside (0, 1]", fix="e.g. [0.32, 1.0]"
-            )
+        fraction_range("task.crops_scale", self.crops_scale)
 
 
 def _check_init_from(path: Optional[str]) -> None:
