@@ -102,7 +102,6 @@ def evaluate(
     best = m["probe"]["best_block"]  # chosen on validation rows
     recall = m["benchmarks"]["tvn"]["recall"][SOURCE]
     return {
-        **{f"epoch {e}": acc for e, acc in probe_curve(run_dir).items()},
         "best-block probe": float(probes.loc[best, "test_acc"]),
         "last-block probe": float(probes["test_acc"].iloc[-1]),
         "best-block kNN": float(probes.loc[best, "knn_top1"]),
@@ -127,10 +126,10 @@ def main() -> None:
         method, _, override = item.partition(":")
         extra.setdefault(method, []).append(override)
     tag = f"_{args.tag}" if args.tag else ""
-    results = {m: [evaluate(m, s, args.epochs, args.overrides, extra, tag) for s in args.seeds] for m in args.methods}
-    # the in-training probe curve goes to a table of its own; random initialization has none
-    curves = {m: [{k: v for k, v in r.items() if k.startswith("epoch ")} for r in rs] for m, rs in results.items()}
-    rows = {m: [{k: v for k, v in r.items() if not k.startswith("epoch ")} for r in rs] for m, rs in results.items()}
+    rows = {m: [evaluate(m, s, args.epochs, args.overrides, extra, tag) for s in args.seeds] for m in args.methods}
+    # the in-training probe curve, a table of its own; random initialization has none
+    curves = {m: [{f"epoch {e}": a for e, a in probe_curve(train_dir(m, s, tag)).items()} for s in args.seeds]
+              for m in args.methods}  # fmt: skip
     keys = list(next(iter(rows.values()))[0])
 
     def cell(values: list[float]) -> str:
